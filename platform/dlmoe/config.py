@@ -1,0 +1,275 @@
+"""The typed job configuration: one YAML per job, loaded into ``JobConfig``.
+
+Loading goes ``OmegaConf.structured`` (defaults, with the model section seeded from its flavor) → merge the YAML
+→ merge ``key=value`` overrides → ``to_object``. Unknown keys and wrong types raise ``ConfigError`` naming the key
+and the file (or "command-line override"); cross-field rules live in ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dlmoe.errors import ConfigError
+from dlmoe.model.config import ModelConfig, get_flavor
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+JOBS_DIR = REPO_ROOT / "jobs"
+DEFAULT_JOB = JOBS_DIR / "debug.yaml"
+OVERRIDE_SOURCE = "command-line override"
+
+
+@dataclass
+class ModelSection(ModelConfig):
+    """The model section: a named flavor plus any config.json field to override on top of it."""
+
+    flavor: str = "debug"
+
+    def to_model_config(self) -> ModelConfig:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**fields)
+
+
+@dataclass
+class BalanceConfig:
+    """Expert load balancing: ``aux_loss`` (Switch loss + z-loss), ``aux_free`` (selection bias, z-loss kept)
+    or ``none``. Coefficients keep the reference meaning (0.01 and 0.001; balance loss = 1 at perfect balance)."""
+
+    mode: str = "aux_loss"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    global_counts: bool = True
+    bias_update_rate: float = 0.001
+
+
+@dataclass
+class ObjectiveConfig:
+    """Masked-diffusion objective (reference §4)."""
+
+    kind: str = "pretrain"
+    eps: float = 1e-3
+    variable_length_prob: float = 0.01
+    stratified_t: bool = False
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where tokenized shards live (a local path or s3:// URI; empty: the embedded default corpus)."""
+
+    uri: str = ""
+    seq_len: int = 128
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    seed: int = 1234
+    tokenizer: str = "byte"
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "debug"
+    steps: int = 200
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "wsd"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    log_every: int = 10
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    storage: str = "runs"
+    every_steps: int = 100
+    num_to_keep: int = 2
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True
+    output: str = ""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = ""
+    experiment: str = "dlmoe"
+
+
+@dataclass
+class MonitorConfig:
+    expert_load_every: int = 50
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def config_hash(self) -> str:
+        """sha256 of the resolved config (stable key order)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def validate(self, source: str | None = None) -> None:
+        """Cross-field rules; raises ``ConfigError`` naming the offending key."""
+        self.model.validate(source=source)
+
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(message, key=key, source=source)
+
+        def choice(key: str, value: str, options: tuple[str, ...]) -> None:
+            if value not in options:
+                fail(key, f"must be one of {', '.join(options)}; got '{value}'")
+
+        def positive(key: str, value: float) -> None:
+            if value <= 0:
+                fail(key, f"must be positive, got {value}")
+
+        m, o, d, t, p = self.model, self.objective, self.data, self.train, self.parallel
+        choice("objective.kind", o.kind, ("pretrain", "sft"))
+        choice("objective.balance.mode", o.balance.mode, ("aux_loss", "aux_free", "none"))
+        choice("train.schedule", t.schedule, ("constant", "cosine", "wsd"))
+        choice("train.precision", t.precision, ("fp32", "bf16"))
+        if not 0.0 <= o.eps < 1.0:
+            fail("objective.eps", f"must lie in [0, 1), got {o.eps}")
+        if not 0.0 <= o.variable_length_prob <= 1.0:
+            fail("objective.variable_length_prob", f"must lie in [0, 1], got {o.variable_length_prob}")
+        for key, value in (("objective.balance.aux_loss_coef", o.balance.aux_loss_coef),
+                           ("objective.balance.z_loss_coef", o.balance.z_loss_coef)):
+            if value < 0:
+                fail(key, f"must be non-negative, got {value}")
+        if o.balance.mode == "aux_free":
+            positive("objective.balance.bias_update_rate", o.balance.bias_update_rate)
+        for key, ivalue in (("data.seq_len", d.seq_len), ("data.global_batch_size", d.global_batch_size),
+                            ("data.micro_batch_size", d.micro_batch_size), ("train.steps", t.steps),
+                            ("train.num_workers", t.num_workers), ("parallel.ep_size", p.ep_size),
+                            ("checkpoint.every_steps", self.checkpoint.every_steps),
+                            ("checkpoint.num_to_keep", self.checkpoint.num_to_keep),
+                            ("train.log_every", t.log_every), ("monitor.expert_load_every",
+                                                               self.monitor.expert_load_every)):
+            positive(key, ivalue)
+        positive("train.lr", t.lr)
+        if d.seq_len > m.max_position_embeddings:
+            fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+        per_step = d.micro_batch_size * t.num_workers
+        if d.global_batch_size % per_step != 0:
+            fail("data.global_batch_size", f"{d.global_batch_size} is not a multiple of data.micro_batch_size "
+                                           f"{d.micro_batch_size} x train.num_workers {t.num_workers}")
+        if m.num_experts % p.ep_size != 0:
+            fail("parallel.ep_size", f"{p.ep_size} does not divide model.num_experts {m.num_experts}")
+        if t.num_workers % p.ep_size != 0:
+            fail("parallel.ep_size", f"{p.ep_size} does not divide train.num_workers {t.num_workers}")
+        if p.zero_stage not in (0, 1, 2):
+            fail("parallel.zero_stage", f"must be 0, 1 or 2 (ZeRO-3 is not supported with expert parallelism), "
+                                        f"got {p.zero_stage}")
+        if not 0 <= t.warmup_steps < t.steps:
+            fail("train.warmup_steps", f"must lie in [0, train.steps={t.steps}), got {t.warmup_steps}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
+        if not 0.0 <= t.decay_fraction <= 1.0:
+            fail("train.decay_fraction", f"must lie in [0, 1], got {t.decay_fraction}")
+        if t.grad_clip < 0:
+            fail("train.grad_clip", f"must be non-negative (0 disables clipping), got {t.grad_clip}")
+        if not t.run_name or "/" in t.run_name:
+            fail("train.run_name", f"must be a non-empty name without '/', got '{t.run_name}'")
+
+
+def _to_config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or None
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return ConfigError(message, key=key, source=source)
+
+
+def _flavor_of(yaml_cfg: DictConfig, overrides_cfg: DictConfig) -> str:
+    for cfg in (overrides_cfg, yaml_cfg):
+        model = cfg.get("model")
+        if isinstance(model, DictConfig) and "flavor" in model:
+            return str(model.flavor)
+    return "debug"
+
+
+def _sets_key(cfg: DictConfig, section: str, key: str) -> bool:
+    node = cfg.get(section)
+    return isinstance(node, DictConfig) and key in node
+
+
+def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load, merge and validate a job YAML (``None``: the embedded default ``jobs/debug.yaml``)."""
+    path = Path(path) if path is not None else DEFAULT_JOB
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"job file not found: {path}")
+    try:
+        yaml_cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends: re-raised with the file named
+        raise ConfigError(f"cannot parse YAML: {exc}", source=source) from exc
+    if isinstance(yaml_cfg, ListConfig):
+        raise ConfigError("a job file must be a mapping of sections, not a list", source=source)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value", source=OVERRIDE_SOURCE)
+    try:
+        overrides_cfg = OmegaConf.from_dotlist(list(overrides or []))
+    except OmegaConfBaseException as exc:
+        raise _to_config_error(exc, OVERRIDE_SOURCE) from exc
+
+    flavor = _flavor_of(yaml_cfg, overrides_cfg)
+    try:
+        base = get_flavor(flavor)
+    except ConfigError as exc:
+        where = OVERRIDE_SOURCE if _sets_key(overrides_cfg, "model", "flavor") else source
+        raise ConfigError(str(exc.args[0]).split(" (key")[0], key="model.flavor", source=where) from exc
+    schema = OmegaConf.structured(JobConfig(model=ModelSection(flavor=flavor, **dataclasses.asdict(base))))
+    merged = schema
+    for cfg, where in ((yaml_cfg, source), (overrides_cfg, OVERRIDE_SOURCE)):
+        try:
+            merged = OmegaConf.merge(merged, cfg)
+        except OmegaConfBaseException as exc:
+            raise _to_config_error(exc, where) from exc
+    try:
+        job = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _to_config_error(exc, source) from exc
+    assert isinstance(job, JobConfig)
+    # Changing the depth without spelling out moe_layer_freq means "every layer is MoE", as in the release.
+    freq_given = _sets_key(yaml_cfg, "model", "moe_layer_freq") or _sets_key(overrides_cfg, "model", "moe_layer_freq")
+    if not freq_given and len(job.model.moe_layer_freq) != job.model.num_hidden_layers:
+        job.model.moe_layer_freq = [1] * job.model.num_hidden_layers
+    job.validate(source=f"{source} with overrides {' '.join(overrides)}" if overrides else source)
+    return job
