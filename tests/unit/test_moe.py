@@ -79,7 +79,8 @@ def test_experts_with_no_tokens_get_zero_gradient() -> None:
 def test_selection_bias_changes_choice_not_weights() -> None:
     block = make_block(8, 2, 16, 8)
     x = torch.randn(10, 16)
-    _, _, weights, experts = block.gate(x)
+    _, scores0, weights, experts = block.gate(x)
+    torch.testing.assert_close(weights, torch.topk(scores0, 2, dim=-1).values)
     with torch.no_grad():
         block.gate.selection_bias_E[7] = 10.0
     _, scores, biased_weights, biased_experts = block.gate(x)
@@ -102,7 +103,7 @@ def test_grouped_mm_helper_matches_loop(shape: tuple[tuple[int, int], tuple[int,
     a_shape, b_shape = shape
     a, b = torch.randn(*a_shape), torch.randn(*b_shape)
     rows = a_shape[0]
-    offs = torch.tensor([rows // 4, rows // 4, rows // 2, rows][: b_shape[0] - 1] + [rows], dtype=torch.int32)
+    offs = torch.tensor([*[rows // 4, rows // 4, rows // 2][: b_shape[0] - 1], rows], dtype=torch.int32)
     out = _grouped_mm(a, b, offs)
     bounds = [0, *offs.tolist()]
     expected = torch.cat([a[bounds[g]:bounds[g + 1]] @ b[g] for g in range(b_shape[0])])

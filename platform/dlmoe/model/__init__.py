@@ -13,9 +13,9 @@ from dlmoe.model.transformer import DiffusionMoE, ModelOutput, build_model, coun
 
 __all__ = [
     "DiffusionMoE",
+    "MoEBlock",
     "ModelConfig",
     "ModelOutput",
-    "MoEBlock",
     "RouterStats",
     "build_model",
     "count_parameters",

@@ -81,7 +81,8 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim))
+        projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, seq, self.num_heads * self.head_dim))
+        return projected
 
 
 class SwiGLU(nn.Module):
@@ -94,4 +95,5 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out

@@ -104,7 +104,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        out: torch.Tensor = _GroupedSwiGLU.apply(x_ND, self.gate_up_proj, self.down_proj, offs_E)
+        out: torch.Tensor = _GroupedSwiGLU.apply(  # type: ignore[no-untyped-call]
+            x_ND, self.gate_up_proj, self.down_proj, offs_E)
         return out
 
 
@@ -116,6 +117,8 @@ class Router(nn.Module):
     chosen but never the weights. It stays zero — and routing is then exactly the release's — unless a balancer
     outside the model updates it.
     """
+
+    selection_bias_E: torch.Tensor
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool) -> None:
         super().__init__()
