@@ -16,16 +16,24 @@ Rows:
              ``expert_w1=gate_up_proj``, ``expert_w2=down_proj``, ``expert_w3=None``). Compared with ours.
 
 Each row runs in a fresh ``multiprocessing`` spawn subprocess. In it: build the layer (same seed, so the same
-router/expert weights and inputs in every row), measure the fp32 matmul peak (median of 2048x2048 @ 2048x2048
-``torch.mm``), check correctness, warm up 2 iterations, then time ``--iters`` iterations of
+router/expert weights and inputs in every row), measure the fp32 matmul peak (median of 5 reps of a
+2048x2048 @ 2048x2048 ``torch.mm``), check correctness, warm up 2 iterations, then time ``--iters`` iterations of
 ``out = layer(x); out.backward(grad)`` with a fixed random, contiguous upstream gradient (x requires grad; the
 parameter and input gradients are reset to None before every iteration, outside the timed span).
 
-Memory: the process's peak RSS during the timed iterations minus its RSS right before them. The kernel's RSS
-high-water mark is reset right before the timed region (``echo 5 > /proc/self/clear_refs``), so ``ru_maxrss``
-afterwards is the peak of the timed region alone; where that reset is refused, ``ru_maxrss`` is the peak since
-the process started (the output says which). Because glibc may keep freed memory from the warm-up resident,
-"peak vs setup" also reports the same peak minus the RSS after building the layer, before the warm-up.
+Memory: the process's peak RSS during the timed iterations minus its RSS right before them (when only the
+parameters and inputs are live: gradients are reset to None first, so they count towards the peak). Before the
+timed region, ``malloc_trim(0)`` hands the heap glibc kept from the warm-up back to the kernel (otherwise the
+timed iterations reuse resident free memory and the delta reads ~0), then the kernel's RSS high-water mark is
+reset (``echo 5 > /proc/self/clear_refs``), so ``ru_maxrss`` afterwards is the peak of the timed region alone;
+where that reset is refused, ``ru_maxrss`` is the peak since the process started (the output says so).
+The JSON also has ``peak_vs_setup_mb``: the same peak minus the (trimmed) RSS after building and checking the
+layer, before the warm-up.
+
+The machine may be shared: each row measures the matmul peak before setup and again after timing (the higher
+is used for "% of mm peak") and how many cores other processes kept busy during its timed iterations (from
+/proc/stat minus its own CPU time, steal included). With 2 OpenMP threads on 2 cores, even one busy core
+elsewhere slows the many-small-op rows (per-expert loops) by large factors, so read such rows with care.
 
 Work: 3 matmuls of 2*D*I flops per routed token slot forward, x3 for forward + backward:
 18 * T * K * D * I = 19.3 GFLOP at the defaults (router matmul not counted; DeepSpeed's capacity padding does
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
 import dataclasses
 import gc
 import json
@@ -56,12 +65,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from dlmoe.model import MoEBlock, get_flavor
 from torch import nn
+
+if TYPE_CHECKING:  # imported lazily at run time (in the subprocesses)
+    from dlmoe.model import MoEBlock
 
 HIDDEN = 256
 NUM_EXPERTS = 64
@@ -75,7 +86,8 @@ IMPLS = ("ours", "naive", "deepspeed", "autoep")
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 MEMORY_METHOD = (
     "peak RSS during the timed iterations minus RSS right before them, in a fresh spawn subprocess per row; "
-    "the RSS high-water mark is reset via /proc/self/clear_refs right before timing, then read as ru_maxrss"
+    "glibc malloc_trim(0) first (so the baseline is live memory, not heap kept from the warm-up), then the RSS "
+    "high-water mark is reset via /proc/self/clear_refs, and read back after timing as ru_maxrss"
 )
 
 
@@ -178,6 +190,26 @@ def autoep_config_dict(autoep_size: int = 1) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class CpuContention:
+    """How many cores other work used while a region ran: machine busy time (from /proc/stat, steal included)
+    minus this process's own CPU time, over the region's wall time (0 = quiet; up to the core count)."""
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def others_cores(self) -> float:
+        busy, own, wall = self._snapshot()
+        return max(0.0, ((busy - self._start[0]) - (own - self._start[1])) / (wall - self._start[2]))
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -190,6 +222,15 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim() -> bool:
+    """Hand glibc's free heap pages back to the kernel, so that RSS counts live memory only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _maxrss_bytes() -> int:
@@ -222,7 +263,7 @@ def _init_distributed() -> None:
 
 def _build_ours(tokens: int) -> tuple[MoEBlock, torch.Tensor, torch.Tensor]:
     """Our block with seeded normal(0, 0.02) weights, plus the seeded input and upstream gradient."""
-
+    from dlmoe.model import MoEBlock, get_flavor
 
     cfg = dataclasses.replace(get_flavor("tiny"), hidden_size=HIDDEN, num_experts=NUM_EXPERTS,
                               num_experts_per_tok=TOP_K, expert_intermediate_size=INTERMEDIATE)
@@ -240,7 +281,7 @@ def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
              grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xr = x.detach().clone().requires_grad_(True)
     out = fn(xr)
-    out.backward(grad)
+    torch.autograd.backward(out, grad)  # what out.backward(grad) calls; typed, unlike Tensor.backward
     assert xr.grad is not None
     return out.detach(), xr.grad
 
@@ -323,7 +364,8 @@ def _setup(impl: str, tokens: int) -> tuple[Callable[[torch.Tensor], torch.Tenso
             out = layer(t.view(1, t.shape[0], t.shape[1]))
             if isinstance(out, tuple):
                 out = out[0]
-            return out.view(t.shape)
+            result: torch.Tensor = out.view(t.shape)
+            return result
 
         d_out, d_grad = _max_diff(_fwd_bwd(autoep_fn, x, grad), ref)
         info.update(check="vs ours", max_abs_diff_out=d_out, max_abs_diff_grad_x=d_grad,
@@ -345,10 +387,14 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
 
             ds_logger.setLevel(logging.WARNING)
             result["deepspeed_accelerator"] = type(__import__("deepspeed").accelerator.get_accelerator()).__name__
-        result["matmul_peak_gflops"] = matmul_peak_gflops()
+        mm_before = matmul_peak_gflops()
         fn, params, x, grad, info = _setup(impl, tokens)
         result.update(info)
+        result["threads_after_setup"] = torch.get_num_threads()
+        for p in params:  # drop the correctness check's gradients
+            p.grad = None
         gc.collect()
+        _malloc_trim()
         rss_setup = _rss_bytes()
         x.requires_grad_(True)
 
@@ -358,17 +404,28 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
             x.grad = None
             t0 = time.perf_counter()
             out = fn(x)
-            out.backward(grad)
+            torch.autograd.backward(out, grad)  # == out.backward(grad)
             return time.perf_counter() - t0
 
         for _ in range(WARMUP):
             one_iter()
+        for p in params:  # the baseline holds parameters and inputs only; gradients count towards the peak
+            p.grad = None
+        x.grad = None
         gc.collect()
+        result["malloc_trim"] = _malloc_trim()
         rss_before = _rss_bytes()
         result["hwm_reset"] = _reset_peak_rss()
+        contention = CpuContention()
         times = [one_iter() for _ in range(iters)]
         peak = _maxrss_bytes()
+        others = contention.others_cores()
         med = statistics.median(times)
+        mm_after = matmul_peak_gflops()
+        # The machine is shared: the matmul peak is measured before setup and after timing; the higher one is
+        # used, and a large gap (or a high load average) marks the row as disturbed by other work.
+        result.update(matmul_peak_gflops=max(mm_before, mm_after), matmul_peak_before_gflops=mm_before,
+                      matmul_peak_after_gflops=mm_after, others_cores=others)
         result.update(
             times_ms=[t * 1e3 for t in times], median_ms=med * 1e3, min_ms=min(times) * 1e3,
             rss_setup_mb=rss_setup / 2**20, rss_before_timed_mb=rss_before / 2**20, peak_rss_mb=peak / 2**20,
@@ -376,7 +433,7 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
             gflops=work_flops(tokens) / med / 1e9,
         )
         result["fraction_of_mm_peak"] = result["gflops"] / result["matmul_peak_gflops"]
-    except Exception as exc:  # noqa: BLE001 - any failure becomes this row's reported error, never a number
+    except Exception as exc:  # any failure becomes this row's reported error, never a number
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["traceback"] = traceback.format_exc()
     return result
@@ -387,7 +444,7 @@ def run_in_subprocess(impl: str, tokens: int, iters: int) -> dict[str, Any]:
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         try:
             return pool.submit(run_impl, impl, tokens, iters).result()
-        except Exception as exc:  # noqa: BLE001 - the child died (e.g. killed for memory): report it
+        except Exception as exc:  # the child died (e.g. killed for memory): report it
             return {"impl": impl, "error": f"subprocess failed: {type(exc).__name__}: {exc}"}
 
 
@@ -402,8 +459,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     ours = next((r for r in rows if r["impl"] == "ours" and "median_ms" in r), None)
-    lines = [("| impl | median ms | min ms | time / ours | peak Δ MB (timed) | peak vs setup MB | GFLOP/s | "
-              "mm peak GFLOP/s | % of mm peak | check: max abs diff (out, grad_x) |"),
+    lines = [("| impl | median ms | min ms | time / ours | peak Δ MB | GFLOP/s | mm peak GFLOP/s (before/after) | "
+              "% of mm peak | others' cores | check: max abs diff (out, grad_x) |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
@@ -415,8 +472,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             check = f"{r['check']}: {r['max_abs_diff_out']:.1e}, {r['max_abs_diff_grad_x']:.1e}"
         lines.append(
             f"| {r['impl']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {_fmt(ratio, '.2f')} | "
-            f"{r['peak_delta_mb']:.0f} | {r['peak_vs_setup_mb']:.0f} | {r['gflops']:.1f} | "
-            f"{r['matmul_peak_gflops']:.1f} | {100 * r['fraction_of_mm_peak']:.0f} % | {check} |")
+            f"{r['peak_delta_mb']:.0f} | {r['gflops']:.1f} | {r['matmul_peak_before_gflops']:.0f}/"
+            f"{r['matmul_peak_after_gflops']:.0f} | {100 * r['fraction_of_mm_peak']:.0f} % | "
+            f"{r['others_cores']:.2f} | {check} |")
     return "\n".join(lines)
 
 
@@ -446,6 +504,13 @@ def main() -> None:
     print(f"# work per iteration: {meta['work_gflop']:.2f} GFLOP (18*T*K*D*I)")
     print("# allocator env: " + ", ".join(f"{k}={v if v is not None else '(unset)'}" for k, v in allocator.items()))
     print(f"# memory: {MEMORY_METHOD}")
+    quiet = CpuContention()
+    time.sleep(1.0)
+    others = quiet.others_cores()
+    print(f"# other work on this machine before the run: {others:.2f} cores busy (of {os.cpu_count()})")
+    print("# mm peak: fp32 2048^3 torch.mm in the row's own process, before setup / after timing (the higher is "
+          "used for % of mm peak); others' cores: CPU time used by other processes (and steal) during the timed "
+          "iterations, in cores (0 = quiet machine; anything near 1 or more means the row was disturbed)")
 
     rows = []
     for impl in impls:
