@@ -59,38 +59,47 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """SwiGLU experts over expert-sorted rows, as two grouped GEMMs forward and four backward.
+    """Weighted SwiGLU experts over expert-sorted rows: ``weight * down(silu(gate(x)) * up(x))`` per row, as two
+    grouped GEMMs forward and four backward.
 
-    Saves only the input rows and the gate/up pre-activations; the activation is recomputed in backward.
+    The routing weight scales the activation (width I) rather than the output (width D): the same product,
+    on the narrower tensor. Only the input rows, the gate/up pre-activations and the weights are saved; the
+    activation is recomputed in backward.
     """
 
     @staticmethod
-    def forward(ctx: Any, x_ND: torch.Tensor, gate_up_EHD: torch.Tensor, down_EDI: torch.Tensor,
-                offs_E: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x_ND: torch.Tensor, weight_N: torch.Tensor, gate_up_EHD: torch.Tensor,
+                down_EDI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         inter = down_EDI.shape[-1]
         h_NH = _grouped_mm(x_ND, gate_up_EHD.transpose(-2, -1), offs_E)
         gate, up = h_NH[:, :inter], h_NH[:, inter:]
         act_NI = F.silu(gate) * up
-        ctx.save_for_backward(x_ND, h_NH, gate_up_EHD, down_EDI, offs_E)
+        act_NI *= weight_N[:, None]
+        ctx.save_for_backward(x_ND, weight_N, h_NH, gate_up_EHD, down_EDI, offs_E)
         return _grouped_mm(act_NI, down_EDI.transpose(-2, -1), offs_E)
 
     @staticmethod
-    def backward(ctx: Any, grad_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        x_ND, h_NH, gate_up_EHD, down_EDI, offs_E = ctx.saved_tensors
+    def backward(ctx: Any, grad_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor, None]:
+        x_ND, weight_N, h_NH, gate_up_EHD, down_EDI, offs_E = ctx.saved_tensors
         inter = down_EDI.shape[-1]
         grad_ND = grad_ND.contiguous()
         gate, up = h_NH[:, :inter], h_NH[:, inter:]
         sig = torch.sigmoid(gate)
         silu = gate * sig
-        grad_down = _grouped_mm(grad_ND.t(), silu * up, offs_E)
-        grad_act = _grouped_mm(grad_ND, down_EDI, offs_E)
+        act_NI = silu * up
+        grad_weighted_NI = _grouped_mm(grad_ND, down_EDI, offs_E)
+        grad_weight_N = (grad_weighted_NI * act_NI).sum(-1)
+        act_NI *= weight_N[:, None]
+        grad_down = _grouped_mm(grad_ND.t(), act_NI, offs_E)
+        grad_act_NI = grad_weighted_NI.mul_(weight_N[:, None])
         # d silu(g)/dg = sig + silu * (1 - sig); both halves are written in place to skip a concatenation.
         grad_h_NH = torch.empty_like(h_NH)
-        torch.mul(grad_act, silu, out=grad_h_NH[:, inter:])
-        torch.mul(grad_act * up, torch.addcmul(sig, silu, 1 - sig), out=grad_h_NH[:, :inter])
+        torch.mul(grad_act_NI, silu, out=grad_h_NH[:, inter:])
+        torch.mul(grad_act_NI * up, torch.addcmul(sig, silu, 1 - sig), out=grad_h_NH[:, :inter])
         grad_gate_up = _grouped_mm(grad_h_NH.t(), x_ND, offs_E)
         grad_x = _grouped_mm(grad_h_NH, gate_up_EHD, offs_E)
-        return grad_x, grad_gate_up, grad_down, None
+        return grad_x, grad_weight_N, grad_gate_up, grad_down, None
 
 
 class GroupedExperts(nn.Module):
@@ -102,10 +111,11 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, weight_N: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x_ND`` sorted by expert (``tokens_per_expert_E`` rows each), scaled by ``weight_N``."""
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         out: torch.Tensor = _GroupedSwiGLU.apply(  # type: ignore[no-untyped-call]
-            x_ND, self.gate_up_proj, self.down_proj, offs_E)
+            x_ND, weight_N, self.gate_up_proj, self.down_proj, offs_E)
         return out
 
 
@@ -141,7 +151,7 @@ class Router(nn.Module):
 
 class MoEBlock(nn.Module):
     """Dropless top-k MoE: every token reaches its k experts; tokens are sorted by expert and the experts run
-    as grouped GEMMs; outputs are weighted by the (unrenormalised) router probabilities and summed."""
+    as grouped GEMMs; outputs are weighted by the (unrenormalised) router probabilities and summed per token."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -159,11 +169,11 @@ class MoEBlock(nn.Module):
 
         slot_experts_N = experts_TK.reshape(-1)
         order_N = torch.argsort(slot_experts_N, stable=True)
+        token_N = order_N // top_k
         tokens_per_expert_E = torch.bincount(slot_experts_N, minlength=self.num_experts)
-        y_ND = self.experts(torch.index_select(x_TD, 0, order_N // top_k), tokens_per_expert_E)
-        # Back to (token, k) order, then the weighted sum over the k experts of each token as one batched matmul.
-        y_TKD = torch.empty_like(y_ND).index_copy_(0, order_N, y_ND).view(-1, top_k, shape[-1])
-        out_TD = torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+        y_ND = self.experts(torch.index_select(x_TD, 0, token_N), weights_TK.reshape(-1)[order_N],
+                            tokens_per_expert_E)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
         if valid_T is not None:
             logits_TE, scores_TE = logits_TE[valid_T], scores_TE[valid_T]
