@@ -21,11 +21,11 @@ router/expert weights and inputs in every row), measure the fp32 matmul peak (me
 ``out = layer(x); out.backward(grad)`` with a fixed random, contiguous upstream gradient (x requires grad; the
 parameter and input gradients are reset to None before every iteration, outside the timed span).
 
-Memory: the process's peak RSS during the timed iterations minus its RSS right before them (when only the
-parameters and inputs are live: gradients are reset to None first, so they count towards the peak). Before the
-timed region, ``malloc_trim(0)`` hands the heap glibc kept from the warm-up back to the kernel (otherwise the
-timed iterations reuse resident free memory and the delta reads ~0), then the kernel's RSS high-water mark is
-reset (``echo 5 > /proc/self/clear_refs``), so ``ru_maxrss`` afterwards is the peak of the timed region alone;
+Memory: the process's peak RSS during one extra iteration after the timed ones, minus its RSS right before it
+(when only the parameters and inputs are live: gradients are reset to None first, so they count towards the
+peak). Before that iteration, ``malloc_trim(0)`` hands the heap glibc kept from earlier iterations back to the
+kernel (otherwise the iteration reuses resident free memory and the delta reads ~0), then the kernel's RSS
+high-water mark is reset (``echo 5 > /proc/self/clear_refs``), so ``ru_maxrss`` afterwards is that iteration's peak;
 where that reset is refused, ``ru_maxrss`` is the peak since the process started (the output says so).
 The JSON also has ``peak_vs_setup_mb``: the same peak minus the (trimmed) RSS after building and checking the
 layer, before the warm-up.
@@ -85,9 +85,9 @@ CHECK_ATOL = 1e-4
 IMPLS = ("ours", "naive", "deepspeed", "autoep")
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 MEMORY_METHOD = (
-    "peak RSS during the timed iterations minus RSS right before them, in a fresh spawn subprocess per row; "
-    "glibc malloc_trim(0) first (so the baseline is live memory, not heap kept from the warm-up), then the RSS "
-    "high-water mark is reset via /proc/self/clear_refs, and read back after timing as ru_maxrss"
+    "peak RSS of one extra iteration after the timed ones minus RSS right before it, in a fresh spawn subprocess "
+    "per row; glibc malloc_trim(0) first (so the baseline is live memory, not heap kept from earlier iterations), "
+    "then the RSS high-water mark is reset via /proc/self/clear_refs, and read back afterwards as ru_maxrss"
 )
 
 
@@ -409,6 +409,10 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
 
         for _ in range(WARMUP):
             one_iter()
+        # Timing first, on a warm heap; memory afterwards, in one extra iteration from a trimmed heap (the trim
+        # makes that iteration page-fault, which would distort a timed one).
+        contention = CpuContention()
+        times = [one_iter() for _ in range(iters)]
         for p in params:  # the baseline holds parameters and inputs only; gradients count towards the peak
             p.grad = None
         x.grad = None
@@ -416,8 +420,7 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
         result["malloc_trim"] = _malloc_trim()
         rss_before = _rss_bytes()
         result["hwm_reset"] = _reset_peak_rss()
-        contention = CpuContention()
-        times = [one_iter() for _ in range(iters)]
+        one_iter()
         peak = _maxrss_bytes()
         others = contention.others_cores()
         med = statistics.median(times)
