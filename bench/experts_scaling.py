@@ -24,10 +24,8 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -38,31 +36,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from benchutil import CpuContention, run_isolated
 
 DEFAULT_EXPERTS = (8, 16, 32, 64)
 WARMUP = 2
 SEED = 0
 LR = 1e-4
-
-
-class CpuContention:
-    """How many cores other work used while a region ran: machine busy time (from /proc/stat, steal included)
-    minus this process's own CPU time, over the region's wall time (0 = quiet; up to the core count)."""
-
-    def __init__(self) -> None:
-        self._start = self._snapshot()
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = os.times()
-        return busy, own.user + own.system, time.perf_counter()
-
-    def others_cores(self) -> float:
-        busy, own, wall = self._snapshot()
-        return max(0.0, ((busy - self._start[0]) - (own - self._start[1])) / (wall - self._start[2]))
 
 
 def run_one(num_experts: int, batch: int, seq: int, iters: int) -> dict[str, Any]:
@@ -115,12 +94,7 @@ def run_one(num_experts: int, batch: int, seq: int, iters: int) -> dict[str, Any
 
 
 def run_in_subprocess(num_experts: int, batch: int, seq: int, iters: int) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        try:
-            return pool.submit(run_one, num_experts, batch, seq, iters).result()
-        except Exception as exc:  # the child died (e.g. killed for memory)
-            return {"num_experts": num_experts, "error": f"subprocess failed: {type(exc).__name__}: {exc}"}
+    return run_isolated(run_one, {"num_experts": num_experts}, num_experts, batch, seq, iters)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:

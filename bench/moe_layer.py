@@ -50,15 +50,11 @@ and MALLOC_TOP_PAD_ are printed (set them in the environment of this command; su
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import ctypes
 import dataclasses
 import gc
 import json
-import multiprocessing
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -69,6 +65,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from benchutil import (
+    CpuContention,
+    malloc_trim,
+    matmul_peak_gflops,
+    maxrss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+)
 from torch import nn
 
 if TYPE_CHECKING:  # imported lazily at run time (in the subprocesses)
@@ -188,67 +193,6 @@ def autoep_config_dict(autoep_size: int = 1) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------
 # Child-process helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-class CpuContention:
-    """How many cores other work used while a region ran: machine busy time (from /proc/stat, steal included)
-    minus this process's own CPU time, over the region's wall time (0 = quiet; up to the core count)."""
-
-    def __init__(self) -> None:
-        self._start = self._snapshot()
-
-    @staticmethod
-    def _snapshot() -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        own = os.times()
-        return busy, own.user + own.system, time.perf_counter()
-
-    def others_cores(self) -> float:
-        busy, own, wall = self._snapshot()
-        return max(0.0, ((busy - self._start[0]) - (own - self._start[1])) / (wall - self._start[2]))
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> bool:
-    """Hand glibc's free heap pages back to the kernel, so that RSS counts live memory only."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Median fp32 GFLOP/s of an n x n @ n x n ``torch.mm`` (one untimed warm-up)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.mm(a, b, out=out)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / statistics.median(times) / 1e9
 
 
 def _init_distributed() -> None:
@@ -394,8 +338,8 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
         for p in params:  # drop the correctness check's gradients
             p.grad = None
         gc.collect()
-        _malloc_trim()
-        rss_setup = _rss_bytes()
+        malloc_trim()
+        rss_setup = rss_bytes()
         x.requires_grad_(True)
 
         def one_iter() -> float:
@@ -417,11 +361,11 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
             p.grad = None
         x.grad = None
         gc.collect()
-        result["malloc_trim"] = _malloc_trim()
-        rss_before = _rss_bytes()
-        result["hwm_reset"] = _reset_peak_rss()
+        result["malloc_trim"] = malloc_trim()
+        rss_before = rss_bytes()
+        result["hwm_reset"] = reset_peak_rss()
         one_iter()
-        peak = _maxrss_bytes()
+        peak = maxrss_bytes()
         others = contention.others_cores()
         med = statistics.median(times)
         mm_after = matmul_peak_gflops()
@@ -443,12 +387,7 @@ def run_impl(impl: str, tokens: int, iters: int) -> dict[str, Any]:
 
 
 def run_in_subprocess(impl: str, tokens: int, iters: int) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        try:
-            return pool.submit(run_impl, impl, tokens, iters).result()
-        except Exception as exc:  # the child died (e.g. killed for memory): report it
-            return {"impl": impl, "error": f"subprocess failed: {type(exc).__name__}: {exc}"}
+    return run_isolated(run_impl, {"impl": impl}, impl, tokens, iters)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Measurement helpers shared by the benchmark scripts: run a row in a fresh process, the fp32 matmul peak,
+CPU contention from other processes, and RSS / allocator controls for peak-memory readings."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def run_isolated(fn: Callable[..., dict[str, Any]], label: dict[str, Any], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh spawn subprocess; a child that dies is reported as this row's error."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except Exception as exc:  # the child died (e.g. killed for memory): report it, never a number
+            return {**label, "error": f"subprocess failed: {type(exc).__name__}: {exc}"}
+
+
+class CpuContention:
+    """How many cores other work used while a region ran: machine busy time (from /proc/stat, steal included)
+    minus this process's own CPU time, over the region's wall time (0 = quiet; up to the core count)."""
+
+    def __init__(self) -> None:
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return busy, own.user + own.system, time.perf_counter()
+
+    def others_cores(self) -> float:
+        busy, own, wall = self._snapshot()
+        return max(0.0, ((busy - self._start[0]) - (own - self._start[1])) / (wall - self._start[2]))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> bool:
+    """Hand glibc's free heap pages back to the kernel, so that RSS counts live memory only."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Median fp32 GFLOP/s of an n x n @ n x n ``torch.mm`` (one untimed warm-up)."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
