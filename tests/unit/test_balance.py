@@ -51,6 +51,12 @@ def test_counts_override_replaces_local_counts() -> None:
     assert loss.item() == pytest.approx(2 * (0.5 * 0.8 + 0.5 * 0.2))
 
 
+def test_all_padding_layer_gives_finite_zero_loss() -> None:
+    empty = RouterStats(logits_TE=torch.zeros(0, 2), scores_TE=torch.zeros(0, 2), tokens_per_expert_E=torch.zeros(2))
+    assert load_balance_loss([empty]).item() == 0.0
+    assert router_z_loss([empty]).item() == 0.0
+
+
 def test_z_loss_hand_value() -> None:
     stats = stats_from([[0.5, 0.5]], [1, 0], logits=[[0.0, 0.0]])
     assert router_z_loss([stats]).item() == pytest.approx(math.log(2) ** 2)

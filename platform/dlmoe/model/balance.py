@@ -47,7 +47,9 @@ def load_balance_loss(stats: Sequence[RouterStats], *, global_counts: bool = Fal
     counts = counts.to(torch.float32)
     f_LE = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     num_experts = f_LE.shape[-1]
-    per_layer = [num_experts * (f_LE[i] * s.scores_TE.mean(0)).sum() for i, s in enumerate(stats)]
+    # A micro-batch of padding only has no router scores: its layers contribute P = 0, not NaN.
+    per_layer = [num_experts * (f_LE[i] * (s.scores_TE.mean(0) if s.scores_TE.shape[0] else s.scores_TE.sum(0))).sum()
+                 for i, s in enumerate(stats)]
     return torch.stack(per_layer).mean()
 
 
@@ -55,7 +57,8 @@ def router_z_loss(stats: Sequence[RouterStats]) -> torch.Tensor:
     """``mean(logsumexp(logits)^2)`` over tokens, averaged over layers (ST-MoE router z-loss)."""
     if not stats:
         raise ValueError("router_z_loss needs the router statistics of at least one MoE layer")
-    return torch.stack([torch.logsumexp(s.logits_TE, dim=-1).square().mean() for s in stats]).mean()
+    return torch.stack([torch.logsumexp(s.logits_TE, dim=-1).square().sum() / max(1, s.logits_TE.shape[0])
+                        for s in stats]).mean()
 
 
 @dataclass
