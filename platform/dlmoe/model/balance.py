@@ -48,7 +48,7 @@ def load_balance_loss(stats: Sequence[RouterStats], *, global_counts: bool = Fal
     f_LE = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     num_experts = f_LE.shape[-1]
     # A micro-batch of padding only has no router scores: its layers contribute P = 0, not NaN.
-    per_layer = [num_experts * (f_LE[i] * (s.scores_TE.mean(0) if s.scores_TE.shape[0] else s.scores_TE.sum(0))).sum()
+    per_layer = [num_experts * (f_LE[i] * s.scores_TE.sum(0) / max(1, s.scores_TE.shape[0])).sum()
                  for i, s in enumerate(stats)]
     return torch.stack(per_layer).mean()
 
