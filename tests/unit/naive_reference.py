@@ -1,6 +1,7 @@
 """A deliberately plain re-statement of reference/lladamoe.md §2, written independently of dlmoe.model:
 explicit loops over experts (in the style of the official modeling code), explicit repeat of k/v heads, and
-attention as a written-out softmax. Tests compare the fast model against it."""
+attention as a written-out softmax. It reads weights by the release's state-dict keys (reference §3), so comparing
+the fast model against it checks the model and the export key mapping together."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dlmoe.model import DiffusionMoE
+from dlmoe.model import ModelConfig
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -18,25 +19,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(variance + eps)).to(x.dtype) * weight
 
 
-def naive_moe(x_TD: torch.Tensor, gate_w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, top_k: int,
+Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def naive_moe(x_TD: torch.Tensor, gate_w: torch.Tensor, experts: list[Expert], top_k: int,
               norm_topk: bool = False) -> torch.Tensor:
-    """Per-expert loop: softmax in float32, top-k, optional renormalisation, weighted sum of SwiGLU experts."""
+    """Per-expert loop over (gate_proj, up_proj, down_proj) weights: softmax in float32, top-k, optional
+    renormalisation, weighted sum of SwiGLU experts."""
     probs = torch.softmax((x_TD @ gate_w.t()).float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
     if norm_topk:
         weights = weights / weights.sum(-1, keepdim=True)
     weights = weights.to(x_TD.dtype)
-    inter = down.shape[-1]
     out = torch.zeros_like(x_TD)
-    for e in range(gate_w.shape[0]):
-        token_idx, slot = torch.where(experts == e)
+    for e, (w_gate, w_up, w_down) in enumerate(experts):
+        token_idx, slot = torch.where(chosen == e)
         if token_idx.numel() == 0:
             continue
         xe = x_TD[token_idx]
-        w_gate, w_up = gate_up[e, :inter], gate_up[e, inter:]
-        ye = (F.silu(xe @ w_gate.t()) * (xe @ w_up.t())) @ down[e].t()
+        ye = (F.silu(xe @ w_gate.t()) * (xe @ w_up.t())) @ w_down.t()
         out = out.index_add(0, token_idx, ye * weights[token_idx, slot, None])
     return out
+
+
+def split_experts(gate_up_EHD: torch.Tensor, down_EDI: torch.Tensor) -> list[Expert]:
+    """Per-expert views of fused expert tensors (gradients flow back to the fused ones)."""
+    inter = down_EDI.shape[-1]
+    return [(gate_up_EHD[e, :inter], gate_up_EHD[e, inter:], down_EDI[e]) for e in range(gate_up_EHD.shape[0])]
 
 
 def _rope(x: torch.Tensor, theta: float, rot_dim: int) -> torch.Tensor:
@@ -51,10 +60,9 @@ def _rope(x: torch.Tensor, theta: float, rot_dim: int) -> torch.Tensor:
     return torch.cat([xr * cos + rotated * sin, xp], dim=-1)
 
 
-def naive_forward(model: DiffusionMoE, input_ids: torch.Tensor,
+def naive_forward(cfg: ModelConfig, sd: dict[str, torch.Tensor], input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    cfg = model.config
-    sd = model.state_dict()
+    """Logits from a state dict in the release's format (reference §3 keys, one module per expert)."""
     b, seq = input_ids.shape
     heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     x = sd["model.embed_tokens.weight"][input_ids]
@@ -67,6 +75,8 @@ def naive_forward(model: DiffusionMoE, input_ids: torch.Tensor,
         if cfg.qk_layernorm:
             q = rms_norm(q, sd[p + "self_attn.q_norm.weight"], cfg.rms_norm_eps)
             k = rms_norm(k, sd[p + "self_attn.k_norm.weight"], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         rot = int(hd * cfg.partial_rotary_factor)
         q, k = _rope(q, cfg.rope_theta, rot), _rope(k, cfg.rope_theta, rot)
@@ -80,8 +90,10 @@ def naive_forward(model: DiffusionMoE, input_ids: torch.Tensor,
         h = rms_norm(x, sd[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         if cfg.moe_layer_freq[i]:
             flat = h.reshape(-1, cfg.hidden_size)
-            y = naive_moe(flat, sd[p + "mlp.gate.weight"], sd[p + "mlp.experts.gate_up_proj"],
-                          sd[p + "mlp.experts.down_proj"], cfg.num_experts_per_tok, cfg.norm_topk_prob)
+            e = p + "mlp.experts."
+            experts = [(sd[f"{e}{j}.gate_proj.weight"], sd[f"{e}{j}.up_proj.weight"], sd[f"{e}{j}.down_proj.weight"])
+                       for j in range(cfg.num_experts)]
+            y = naive_moe(flat, sd[p + "mlp.gate.weight"], experts, cfg.num_experts_per_tok, cfg.norm_topk_prob)
             y = y.view_as(h)
             if cfg.shared_expert_intermediate_size:
                 s = p + "shared_expert."

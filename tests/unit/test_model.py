@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dlmoe.errors import ConfigError, ModelInputError
+from dlmoe.export import to_hf
 from dlmoe.model import DiffusionMoE, ModelConfig, build_model, count_parameters, get_flavor
 from dlmoe.model.layers import RMSNorm
 
@@ -21,6 +22,7 @@ VARIANTS = {
                                   "shared_expert_intermediate_size": 48},
     "no-qk-norm-renorm-topk": {"qk_layernorm": False, "norm_topk_prob": True, "num_key_value_heads": 1},
     "tied-theta": {"tie_word_embeddings": True, "rope_theta": 50000.0, "num_experts_per_tok": 3},
+    "clip-qkv-after-qk-norm": {"clip_qkv": 0.5},
 }
 
 
@@ -40,7 +42,7 @@ def test_logits_match_naive_reference(variant: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (3, 19), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         fast = model(ids).logits
-        slow = naive_forward(model, ids)
+        slow = naive_forward(model.config, to_hf(model.state_dict(), model.config), ids)
     assert fast.shape == (3, 19, model.config.vocab_size)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
@@ -52,7 +54,7 @@ def test_padding_mask_hides_padded_keys_only() -> None:
     mask[1, 8:] = 0
     with torch.no_grad():
         out = model(ids, attention_mask=mask)
-        ref = naive_forward(model, ids, attention_mask=mask)
+        ref = naive_forward(model.config, to_hf(model.state_dict(), model.config), ids, attention_mask=mask)
         changed = ids.clone()
         changed[1, 9] = (changed[1, 9] + 1) % 256
         out_changed = model(changed, attention_mask=mask)

@@ -10,7 +10,7 @@ import torch
 from dlmoe.model import MoEBlock, get_flavor
 from dlmoe.model.moe import _grouped_mm
 
-from .naive_reference import naive_moe
+from .naive_reference import naive_moe, split_experts
 
 
 def make_block(num_experts: int, top_k: int, hidden: int, inter: int, norm_topk: bool = False,
@@ -49,7 +49,7 @@ def test_forward_and_gradients_match_naive_loop(num_experts: int, top_k: int, hi
     x_ref = x.detach().clone().requires_grad_(True)
     params = [p.detach().clone().requires_grad_(True) for p in block.parameters()]
     gate_w, gate_up, down = params
-    ref = naive_moe(x_ref, gate_w, gate_up, down, top_k, norm_topk)
+    ref = naive_moe(x_ref, gate_w, split_experts(gate_up, down), top_k, norm_topk)
     ref.backward(upstream)
     ref_grads = [x_ref.grad] + [p.grad for p in params]
 

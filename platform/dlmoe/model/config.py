@@ -68,10 +68,10 @@ class ModelConfig:
         return bool(self.moe_layer_freq[index])
 
     def validate(self, source: str | None = None, prefix: str = "model") -> None:
-        """Raise ``ConfigError`` naming the key when the geometry is inconsistent or unsupported."""
+        """Raise ``ConfigError`` naming the key (under ``prefix``) when the geometry is inconsistent or unsupported."""
 
         def fail(key: str, message: str) -> None:
-            raise ConfigError(message, key=f"{prefix}.{key}", source=source)
+            raise ConfigError(message, key=f"{prefix}.{key}" if prefix else key, source=source)
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "num_experts", "num_experts_per_tok", "expert_intermediate_size",

@@ -68,14 +68,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, seq, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q = q.view(b, seq, self.num_heads, self.head_dim)
-        k = k.view(b, seq, self.num_kv_heads, self.head_dim)
-        v = v.view(b, seq, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x).view(b, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, seq, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # The release clamps after the QK norm.
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.transpose(1, 2)
