@@ -102,8 +102,8 @@ def byte_tokenizer() -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(BYTE_SPECIAL_TOKENS[r], special=True, normalized=False)
                                 for r in ("eos", "pad", "mask")])
-    ids = {role: backend.token_to_id(token) for role, token in BYTE_SPECIAL_TOKENS.items()}
-    return Tokenizer(backend, SpecialIds(eos=ids["eos"], pad=ids["pad"], mask=ids["mask"]), name="bytes")
+    eos, pad, mask = (int(backend.token_to_id(BYTE_SPECIAL_TOKENS[r])) for r in ("eos", "pad", "mask"))
+    return Tokenizer(backend, SpecialIds(eos=eos, pad=pad, mask=mask), name="bytes")
 
 
 def _config_token(config: dict[str, Any], role: str) -> str | None:
