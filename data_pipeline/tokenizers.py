@@ -102,8 +102,15 @@ def byte_tokenizer() -> Tokenizer:
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(BYTE_SPECIAL_TOKENS[r], special=True, normalized=False)
                                 for r in ("eos", "pad", "mask")])
-    eos, pad, mask = (int(backend.token_to_id(BYTE_SPECIAL_TOKENS[r])) for r in ("eos", "pad", "mask"))
+    eos, pad, mask = (_token_id(backend, BYTE_SPECIAL_TOKENS[r], "the byte vocabulary") for r in ("eos", "pad", "mask"))
     return Tokenizer(backend, SpecialIds(eos=eos, pad=pad, mask=mask), name="bytes")
+
+
+def _token_id(backend: Backend, token: str, where: str) -> int:
+    token_id = backend.token_to_id(token)
+    if token_id is None:
+        raise DataError(f"{where}: token '{token}' is not in the vocabulary")
+    return int(token_id)
 
 
 def _config_token(config: dict[str, Any], role: str) -> str | None:
@@ -142,10 +149,7 @@ def load_tokenizer(path: str | Path, *, eos_id: int | None = None, pad_id: int |
         token = _config_token(config, role)
         if token is None:
             return None
-        token_id = backend.token_to_id(token)
-        if token_id is None:
-            raise DataError(f"{config_file}: {role}_token '{token}' is not in {file}")
-        return int(token_id)
+        return _token_id(backend, token, f"{config_file} ({role}_token), vocabulary {file}")
 
     eos, mask, pad = resolve("eos", eos_id), resolve("mask", mask_id), resolve("pad", pad_id)
     if eos is None or mask is None:
