@@ -42,6 +42,52 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from data_pipeline.tokenizers import TOKENIZER_FILE, load_tokenizer
+    from dlmoe.diffusion import GenerationSettings, generate
+    from dlmoe.errors import DataError
+    from dlmoe.export import load_pretrained
+
+    folder = Path(args.model_dir)
+    model = load_pretrained(folder, device=args.device)
+    config = model.config
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise DataError(f"model folder {folder} has no {TOKENIZER_FILE}: text prompts need the tokenizer saved with "
+                        f"the model")
+    tokenizer = load_tokenizer(folder, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                               mask_id=config.mask_token_id)
+    settings = GenerationSettings(
+        gen_length=args.gen_length, block_length=args.block_length,
+        steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
+        temperature=args.temperature, stop_at_eos=not args.no_stop_at_eos, suppress_eos=args.suppress_eos,
+        seed=args.seed)
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    total = settings.steps if settings.threshold is None else None
+    with tqdm(total=total, desc="forward passes", unit="pass", disable=args.no_progress or args.json,
+              file=sys.stderr) as bar:
+        started = time.perf_counter()
+        result = generate(model, prompts, settings, mask_id=config.mask_token_id, eos_id=config.eos_token_id,
+                          pad_id=config.pad_token_id, on_forward=lambda _: bar.update(1))
+        seconds = time.perf_counter() - started
+    texts = [tokenizer.decode(answer) for answer in result.answers]
+    rate = result.generated_tokens / seconds if seconds > 0 else float("inf")
+    if args.json:
+        print(json.dumps({"answers": texts, "answer_ids": result.answers, "forward_passes": result.forward_passes,
+                          "generated_tokens": result.generated_tokens, "seconds": seconds,
+                          "tokens_per_second": rate}, indent=2))
+    else:
+        for text in texts:
+            print(text)
+        print(f"{result.generated_tokens} tokens in {result.forward_passes} forward passes, {seconds:.2f} s "
+              f"({rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmoe", description="Train LLaDA-MoE masked-diffusion models.")
     parser.add_argument("--version", action="version", version=f"dlmoe {__version__}")
@@ -57,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=50")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(func=_train)
+
+    gen = sub.add_parser("generate", help="generate text from a saved Hugging Face model folder")
+    gen.add_argument("model_dir", help="a folder written by dlmoe export / save_pretrained, with its tokenizer")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat it for a batch")
+    gen.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
+    gen.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    gen.add_argument("--steps", type=int, default=None,
+                     help="forward passes in all for low-confidence remasking (default: gen-length)")
+    gen.add_argument("--threshold", type=float, default=None,
+                     help="confidence-threshold parallel decoding: commit every token above it (e.g. 0.9)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    gen.add_argument("--no-stop-at-eos", action="store_true", help="decode every block even after an EOS")
+    gen.add_argument("--suppress-eos", action="store_true", help="never generate EOS")
+    gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    gen.add_argument("--json", action="store_true", help="print a JSON report")
+    gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    gen.set_defaults(func=_generate)
     return parser
 
 

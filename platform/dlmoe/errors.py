@@ -42,3 +42,7 @@ class CheckpointError(DlmoeError):
 
 class ExportError(DlmoeError):
     """A model cannot be exported or loaded in the Hugging Face format."""
+
+
+class GenerationError(DlmoeError, ValueError):
+    """Generation settings or prompts that cannot be decoded (lengths, schedule, context)."""

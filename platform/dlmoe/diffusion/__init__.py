@@ -1,4 +1,4 @@
-"""Masked diffusion: the training objective (objective.py), its noise (noise.py), and later the sampler.
+"""Masked diffusion: the training objective (objective.py), its noise (noise.py), and generation (sampler.py).
 
 May import: torch and ``dlmoe.model`` — never ray, deepspeed, mlflow or data_pipeline.
 """
@@ -12,14 +12,18 @@ from dlmoe.diffusion.objective import (
     response_mask,
     sft_loss,
 )
+from dlmoe.diffusion.sampler import GenerationResult, GenerationSettings, generate
 
 __all__ = [
+    "GenerationResult",
+    "GenerationSettings",
     "MaskedDiffusionObjective",
     "Noise",
     "ObjectiveOutput",
     "ObjectiveSettings",
     "cut_length",
     "draw_noise",
+    "generate",
     "mix_seed",
     "pretrain_loss",
     "response_mask",
