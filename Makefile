@@ -28,6 +28,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/moe_layer.py
 	$(BIN)/python bench/experts_scaling.py
+	$(BIN)/python bench/sampler.py
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache .mypy_cache .ruff_cache
