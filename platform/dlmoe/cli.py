@@ -39,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
     first, last = result.losses[0], result.losses[-1]
     print(f"run {result.run_name}: {result.final_step} steps, loss {first:.4f} -> {last:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s; weights and summary in {result.output_dir}")
+    if result.export_dir:
+        print(f"Hugging Face folder: {result.export_dir} (try: dlmoe generate {result.export_dir} --prompt 'def ')")
     return 0
 
 

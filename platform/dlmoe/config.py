@@ -206,6 +206,12 @@ class JobConfig:
             fail("train.decay_fraction", f"must lie in [0, 1], got {t.decay_fraction}")
         if t.grad_clip < 0:
             fail("train.grad_clip", f"must be non-negative (0 disables clipping), got {t.grad_clip}")
+        if self.export.enabled and o.balance.mode == "aux_free":
+            fail("objective.balance.mode", "aux_free biases expert selection, which the release's Hugging Face format "
+                                           "cannot express; use aux_loss or none, or set export.enabled=false")
+        if self.export.enabled and m.norm_topk_prob:
+            fail("model.norm_topk_prob", "the release's modeling code never renormalises top-k weights, so an "
+                                         "export would compute other logits; set it to false or export.enabled=false")
         if not t.run_name or "/" in t.run_name:
             fail("train.run_name", f"must be a non-empty name without '/', got '{t.run_name}'")
 

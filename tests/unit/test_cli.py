@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from data_pipeline.tokenizers import load_tokenizer
 from dlmoe.cli import main
+from dlmoe.export import load_pretrained
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -20,7 +23,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
 def test_help_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    assert "info" in result.stdout and "train" in result.stdout
+    assert all(command in result.stdout for command in ("info", "train", "generate"))
 
 
 def test_info_json_release_figures() -> None:
@@ -56,4 +59,8 @@ def test_short_training_run_learns_and_writes_summary(tmp_path: Path) -> None:
     assert summary["final_step"] == 40 and len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert len(summary["expert_load"]["share"]) == 2
-    assert (tmp_path / "debug" / "final" / "model.pt").is_file()
+    weights = torch.load(tmp_path / "debug" / "final" / "model.pt")
+    exported = load_pretrained(tmp_path / "debug" / "final" / "hf")
+    assert torch.equal(exported.lm_head.weight, weights["lm_head.weight"])
+    assert load_tokenizer(tmp_path / "debug" / "final" / "hf").special.mask == exported.config.mask_token_id
+    assert "dlmoe generate" in result.stdout

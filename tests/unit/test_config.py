@@ -73,6 +73,8 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("data.global_batch_size=6", "data.global_batch_size", "multiple"),
         ("train.warmup_steps=1000", "train.warmup_steps", "must lie"),
         ("model.mask_token_id=9999", "model.mask_token_id", "outside the vocabulary"),
+        ("objective.balance.mode=aux_free", "objective.balance.mode", "export.enabled=false"),
+        ("model.norm_topk_prob=true", "model.norm_topk_prob", "export.enabled=false"),
     ],
 )
 def test_bad_values_raise_config_error_naming_key(override: str, key: str, needle: str) -> None:
@@ -113,3 +115,9 @@ def test_list_yaml_is_refused(tmp_path: Path) -> None:
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_job_config(path)
+
+
+def test_release_incompatible_balancing_is_fine_without_export() -> None:
+    job = load_job_config(None, ["objective.balance.mode=aux_free", "model.norm_topk_prob=true",
+                                 "export.enabled=false"])
+    assert job.objective.balance.mode == "aux_free" and job.model.norm_topk_prob

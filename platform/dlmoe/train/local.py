@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import sysconfig
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from data_pipeline.tokenizers import byte_tokenizer
 from dlmoe.config import JobConfig
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.errors import ConfigError, DataError
+from dlmoe.export import save_pretrained
 from dlmoe.model import build_model
 from dlmoe.model.balance import AuxFreeBalancer, expert_load
 from dlmoe.model.config import BYTE_VOCAB_SIZE
@@ -56,10 +59,12 @@ class LocalRunResult:
     losses: list[float] = field(default_factory=list)
     tokens_per_second: float = 0.0
     output_dir: str = ""
+    export_dir: str = ""
 
 
 def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResult:
-    """Train ``job`` in this process; write the final weights and a summary under the checkpoint storage."""
+    """Train ``job`` in this process; write the final weights, a summary and (when ``export.enabled``) the Hugging
+    Face folder with the byte-level tokenizer under ``{checkpoint.storage}/{run_name}/final/``."""
     if job.data.uri:
         raise ConfigError("single-process training reads only the embedded default corpus until the data "
                           "pipeline lands; leave data.uri empty", key="data.uri")
@@ -135,4 +140,11 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
         "expert_load": {"share": load.share_LE.tolist(), **load.as_metrics()},
     }, indent=1))
     result.output_dir = str(out_dir)
+    if job.export.enabled:
+        if job.export.output:
+            warnings.warn(f"export.output={job.export.output!r} is ignored by single-process training; the "
+                          f"Hugging Face folder goes to {out_dir / 'hf'}", stacklevel=2)
+        result.export_dir = str(save_pretrained(model, out_dir / "hf", tokenizer=byte_tokenizer(),
+                                                flavor=job.model.flavor, step=result.final_step,
+                                                source_run=t.run_name))
     return result
