@@ -90,6 +90,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize(args: argparse.Namespace) -> int:
+    from data_pipeline.tokenize import TokenizeSpec, run_tokenize
+
+    spec = TokenizeSpec(output=args.output, seq_len=args.seq_len, inputs=args.input or [], tokenizer=args.tokenizer,
+                        fmt=args.format, text_field=args.text_field, sft=args.sft, overwrite=args.overwrite,
+                        endpoint_url=args.endpoint_url, unit_bytes=int(args.unit_mb * 2**20))
+    manifest = run_tokenize(spec, progress=not args.no_progress)
+    print(f"{args.output}: {manifest.rows} rows of {manifest.seq_len} tokens ({manifest.tokens} tokens) in "
+          f"{len(manifest.shards)} shards from {manifest.stats.get('documents', 0)} documents "
+          f"({len(manifest.source)} files); tokenizer {manifest.tokenizer['name']}")
+    if manifest.stats.get("sft_examples_too_long"):
+        print(f"warning: {manifest.stats['sft_examples_too_long']} SFT examples longer than seq_len "
+              f"{manifest.seq_len} were skipped", file=sys.stderr)
+    return 0
+
+
+def _data_verify(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import verify
+
+    manifest, problems = verify(args.uri, endpoint_url=args.endpoint_url)
+    for problem in problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    if problems:
+        print(f"{args.uri}: {len(problems)} of {len(manifest.shards)} shards failed verification", file=sys.stderr)
+        return 1
+    print(f"{args.uri}: all {len(manifest.shards)} shards verified ({manifest.rows} rows, sha256 and size match)")
+    return 0
+
+
+def _data_info(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import read_manifest
+
+    manifest = read_manifest(args.uri, endpoint_url=args.endpoint_url)
+    report = {"uri": args.uri, "kind": manifest.kind, "rows": manifest.rows, "tokens": manifest.tokens,
+              "seq_len": manifest.seq_len, "shards": len(manifest.shards),
+              "bytes": sum(s.bytes for s in manifest.shards), "tokenizer": manifest.tokenizer,
+              "sources": len(manifest.source), "stats": manifest.stats}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        tok = manifest.tokenizer
+        print(f"{args.uri}: {manifest.kind} data, {manifest.rows} rows x {manifest.seq_len} = {manifest.tokens} "
+              f"tokens in {len(manifest.shards)} shards ({report['bytes'] / 2**20:.1f} MiB)\n"
+              f"tokenizer {tok.get('name')} (fingerprint {str(tok.get('fingerprint'))[:12]}, vocab "
+              f"{tok.get('vocab_size')}, eos {tok.get('eos_id')}, pad {tok.get('pad_id')}, mask {tok.get('mask_id')})"
+              f"\nfrom {len(manifest.source)} input files; {json.dumps(manifest.stats)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmoe", description="Train LLaDA-MoE masked-diffusion models.")
     parser.add_argument("--version", action="version", version=f"dlmoe {__version__}")
@@ -123,6 +172,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print a JSON report")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(func=_generate)
+
+    tok = sub.add_parser("tokenize", help="tokenize a corpus into parquet shards + manifest.json (a Ray Data job)")
+    tok.add_argument("--input", nargs="+", action="extend", metavar="URI",
+                     help="files or folders, local or s3:// (default: the Python standard library's sources)")
+    tok.add_argument("--output", required=True, metavar="URI", help="dataset folder, local or s3://")
+    tok.add_argument("--seq-len", type=int, required=True, help="tokens per row")
+    tok.add_argument("--tokenizer", default=None, help="tokenizer.json or a folder holding one (default: bytes)")
+    tok.add_argument("--format", choices=("text", "jsonl", "parquet"), default="text",
+                     help="text: one document per file; jsonl: one per line; parquet: one per row")
+    tok.add_argument("--text-field", default="text", help="jsonl / parquet field holding the text")
+    tok.add_argument("--sft", action="store_true", help="jsonl prompt/response or chat messages, one row each")
+    tok.add_argument("--overwrite", action="store_true", help="replace a different dataset at --output")
+    tok.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    tok.add_argument("--unit-mb", type=float, default=32.0, help="input MiB per shard-writing task (default 32)")
+    tok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    tok.set_defaults(func=_tokenize)
+
+    data = sub.add_parser("data", help="inspect and verify tokenized datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    verify = data_sub.add_parser("verify", help="check every shard against the manifest (exit 1 naming bad ones)")
+    info_cmd = data_sub.add_parser("info", help="summary of a dataset: rows, tokens, seq_len, tokenizer, shards")
+    for command in (verify, info_cmd):
+        command.add_argument("uri", help="dataset folder, local or s3://")
+        command.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    info_cmd.add_argument("--json", action="store_true", help="print a JSON report")
+    verify.set_defaults(func=_data_verify)
+    info_cmd.set_defaults(func=_data_info)
     return parser
 
 

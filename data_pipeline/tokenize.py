@@ -1,0 +1,301 @@
+"""The tokenize job: documents → token rows of exactly ``seq_len`` → parquet shards + ``manifest.json``, on Ray Data.
+
+The input files are listed in sorted order and grouped into *units* of about ``unit_bytes`` each; unit ``i``
+becomes shard ``i``. A Ray Data pipeline maps ``map_batches`` over the units (one unit per batch, so one task per
+unit spreads over the cluster): read the unit's documents → tokenize them (``encode_batch``) → pack them,
+separated by EOS, into full rows → write the shard. What a unit leaves over (less than one row) comes back to the
+driver with the shard's metadata; the leftovers are packed, in unit order, into a last shard whose final row is
+padded with EOS. So no token is dropped, a document longer than a row is split across rows, and the output is
+byte-identical for the same input whatever the cluster size. SFT data makes one row per example instead
+(``prompt_len`` column; response padded with EOS); an example longer than ``seq_len`` cannot be split and is
+skipped, counted in the manifest and reported.
+
+The manifest is written last, after any previous one was deleted, so a job that fails leaves no manifest and the
+half-written folder can never be read as a dataset.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer as Backend
+from tqdm import tqdm
+
+from data_pipeline import storage
+from data_pipeline.ray_jobs import data_error_from, ensure_ray
+from data_pipeline.shards import (
+    MANIFEST_FILE,
+    Manifest,
+    ShardInfo,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from data_pipeline.tokenizers import SpecialIds, Tokenizer, byte_tokenizer, load_tokenizer
+from dlmoe.errors import DataError
+
+FORMATS = ("text", "jsonl", "parquet")
+_SUFFIXES: dict[str, tuple[str, ...]] = {"text": (), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+
+
+def default_corpus() -> list[str]:
+    """The embedded default corpus: the Python standard library's top-level ``.py`` files, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(str(p) for p in root.glob("*.py"))
+    if not files:
+        raise DataError(f"no Python sources found under {root} for the default corpus")
+    return files
+
+
+@dataclass
+class TokenizeSpec:
+    """What ``dlmoe tokenize`` was asked to do."""
+
+    output: str
+    seq_len: int
+    inputs: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    fmt: str = "text"
+    text_field: str = "text"
+    sft: bool = False
+    overwrite: bool = False
+    endpoint_url: str | None = None
+    unit_bytes: int = 32 * 2**20
+
+
+@dataclass
+class _Unit:
+    index: int
+    files: list[str]
+
+
+def _plan_units(files: list[tuple[str, int]], unit_bytes: int) -> list[_Unit]:
+    units: list[_Unit] = []
+    size = 0
+    for uri, nbytes in files:
+        if not units or (size + nbytes > unit_bytes and units[-1].files):
+            units.append(_Unit(len(units), []))
+            size = 0
+        units[-1].files.append(uri)
+        size += nbytes
+    return units
+
+
+def _list_inputs(spec: TokenizeSpec) -> list[tuple[str, int]]:
+    inputs = spec.inputs or default_corpus()
+    found: list[tuple[str, int]] = []
+    for uri in inputs:
+        loc = storage.resolve(uri, endpoint_url=spec.endpoint_url)
+        if not storage.exists(loc):
+            raise DataError(f"input {uri} does not exist")
+        for file in storage.list_files(loc, _SUFFIXES[spec.fmt]):
+            if Path(file.path).name.startswith("."):
+                continue
+            found.append((file.uri, storage.size(file)))
+    if not found:
+        raise DataError(f"no {spec.fmt} input files under {', '.join(inputs)}")
+    return found
+
+
+def _documents(uri: str, spec: dict[str, Any]) -> Iterator[Any]:
+    """The documents of one file: a whole text file, one JSON object per jsonl line, or a parquet column."""
+    loc = storage.resolve(uri, endpoint_url=spec["endpoint_url"])
+    data = storage.read_bytes(loc)
+    fmt, text_field = spec["fmt"], spec["text_field"]
+    if fmt == "parquet":
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except Exception as exc:
+            raise DataError(f"cannot read parquet input {uri}: {exc}") from exc
+        if text_field not in table.column_names:
+            raise DataError(f"parquet input {uri} has no column '{text_field}' (--text-field); columns: "
+                            f"{', '.join(table.column_names)}")
+        yield from (t for t in table.column(text_field).to_pylist() if t)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"input {uri} is not UTF-8 text ({exc})") from exc
+    if fmt == "text":
+        if text:
+            yield text
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{uri} line {number} is not valid JSON: {exc}") from exc
+        if spec["sft"]:
+            yield _sft_pair(record, f"{uri} line {number}")
+            continue
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise DataError(f"{uri} line {number} has no string field '{text_field}' (--text-field)")
+        if value:
+            yield value
+
+
+def _sft_pair(record: Any, where: str) -> tuple[str, str]:
+    """(prompt, response) from ``{"prompt", "response"}`` or chat ``{"messages": [{"role", "content"}, ...]}``;
+    messages are rendered as ``role: content`` lines, the last assistant message being the response."""
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
+        return record["prompt"], record["response"]
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
+        last = messages[-1]
+        if last.get("role") == "assistant" and isinstance(last.get("content"), str):
+            context = "".join(f"{m.get('role')}: {m.get('content')}\n" for m in messages[:-1])
+            return context + "assistant: ", last["content"]
+    raise DataError(f"{where}: an SFT example needs string 'prompt' and 'response', or 'messages' ending with an "
+                    f"assistant message")
+
+
+def _tokenizer_from(spec: dict[str, Any]) -> Tokenizer:
+    return Tokenizer(Backend.from_str(spec["tokenizer_json"]), SpecialIds(**spec["special"]), spec["tokenizer_name"])
+
+
+def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One Ray Data batch = one unit: read → tokenize → pack → write its shard; return metadata and leftovers."""
+    index = int(batch["unit"][0])
+    files = json.loads(str(batch["files"][0]))
+    tokenizer = _tokenizer_from(spec)
+    eos, seq_len = tokenizer.special.eos, spec["seq_len"]
+    folder = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
+    documents = skipped = 0
+    tail = np.zeros(0, dtype=np.int32)
+    info: ShardInfo | None = None
+    if spec["sft"]:
+        rows, prompt_lens = [], []
+        for uri in files:
+            pairs = list(_documents(uri, spec))
+            documents += len(pairs)
+            prompts = tokenizer.encode_batch([p for p, _ in pairs])
+            responses = tokenizer.encode_batch([r for _, r in pairs])
+            for prompt, response in zip(prompts, responses, strict=True):
+                if len(prompt) + len(response) + 1 > seq_len:
+                    skipped += 1
+                    continue
+                rows.append(prompt + response + [eos] * (seq_len - len(prompt) - len(response)))
+                prompt_lens.append(len(prompt))
+        if rows:
+            info = write_shard(folder, shard_name(index), np.asarray(rows, dtype=np.int32),
+                               np.asarray(prompt_lens, dtype=np.int32))
+    else:
+        pieces = []
+        for uri in files:
+            docs = list(_documents(uri, spec))
+            documents += len(docs)
+            for ids in tokenizer.encode_batch(docs):
+                pieces.append(np.asarray(ids, dtype=np.int32))
+                pieces.append(np.asarray([eos], dtype=np.int32))
+        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        full = stream.size // seq_len
+        if full:
+            info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len))
+        tail = stream[full * seq_len:]
+    return {
+        "unit": np.asarray([index]), "documents": np.asarray([documents]), "skipped": np.asarray([skipped]),
+        "shard": np.asarray([json.dumps(None if info is None else info.__dict__)]),
+        "tail": np.asarray([tail.tobytes()], dtype=object),
+    }
+
+
+def _settings_fingerprint(spec: TokenizeSpec, files: list[tuple[str, int]], tokenizer: Tokenizer) -> str:
+    settings = {"files": files, "seq_len": spec.seq_len, "fmt": spec.fmt, "text_field": spec.text_field,
+                "sft": spec.sft, "tokenizer": tokenizer.fingerprint, "unit_bytes": spec.unit_bytes}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
+    """Run the tokenize job and return the manifest of the dataset written at ``spec.output``."""
+    import ray.data
+
+    if spec.seq_len <= 1:
+        raise DataError(f"--seq-len must be at least 2, got {spec.seq_len}")
+    if spec.fmt not in FORMATS:
+        raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{spec.fmt}'")
+    if spec.sft and spec.fmt != "jsonl":
+        raise DataError("SFT data (--sft) is read from jsonl files (prompt/response or chat messages)")
+    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else byte_tokenizer()
+    files = _list_inputs(spec)
+    fingerprint = _settings_fingerprint(spec, files, tokenizer)
+    folder = storage.resolve(spec.output, endpoint_url=spec.endpoint_url)
+    manifest_loc = folder.child(MANIFEST_FILE)
+    if storage.exists(manifest_loc):
+        existing = read_manifest(spec.output, endpoint_url=spec.endpoint_url)
+        if existing.settings_fingerprint == fingerprint and not spec.overwrite:
+            return existing
+        if not spec.overwrite:
+            raise DataError(f"{spec.output} already holds a different dataset ({existing.rows} rows of "
+                            f"{existing.seq_len} tokens from {len(existing.source)} inputs); pass --overwrite "
+                            f"to replace it")
+        storage.delete(manifest_loc)
+
+    units = _plan_units(files, spec.unit_bytes)
+    worker_spec = {
+        "output": spec.output, "endpoint_url": storage.s3_endpoint(spec.endpoint_url), "seq_len": spec.seq_len,
+        "fmt": spec.fmt, "text_field": spec.text_field, "sft": spec.sft,
+        "tokenizer_json": tokenizer.backend.to_str(), "tokenizer_name": tokenizer.name,
+        "special": {"eos": tokenizer.special.eos, "pad": tokenizer.special.pad, "mask": tokenizer.special.mask},
+    }
+    ensure_ray()
+    items = ray.data.from_items([{"unit": u.index, "files": json.dumps(u.files)} for u in units],
+                                override_num_blocks=len(units))
+    dataset = items.map_batches(functools.partial(_process_unit, spec=worker_spec), batch_size=1, batch_format="numpy")
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        with tqdm(total=len(units), desc=f"tokenize → {spec.output}", unit="unit", disable=not progress) as bar:
+            for row in dataset.iter_rows():
+                results[int(row["unit"])] = row
+                bar.update(1)
+    except Exception as exc:
+        cause = data_error_from(exc)
+        if cause is None:
+            raise
+        raise cause from exc
+
+    shards: list[ShardInfo] = []
+    documents = skipped = 0
+    tails = []
+    for index in range(len(units)):
+        row = results[index]
+        documents += int(row["documents"])
+        skipped += int(row["skipped"])
+        shard = json.loads(str(row["shard"]))
+        if shard is not None:
+            shards.append(ShardInfo(**shard))
+        tails.append(np.frombuffer(row["tail"], dtype=np.int32))
+    if documents == 0:
+        raise DataError(f"the corpus ({len(files)} files) holds no documents")
+    leftover = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
+    padded = (-leftover.size) % spec.seq_len
+    if leftover.size:
+        rows = np.concatenate([leftover, np.full(padded, tokenizer.special.eos, dtype=np.int32)])
+        shards.append(write_shard(folder, shard_name(len(units)), rows.reshape(-1, spec.seq_len)))
+    if not shards:
+        raise DataError(f"no SFT example fits in seq_len {spec.seq_len} ({skipped} skipped)")
+    manifest = Manifest(
+        kind="sft" if spec.sft else "pretrain", seq_len=spec.seq_len,
+        tokenizer={"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                   "eos_id": tokenizer.special.eos, "pad_id": tokenizer.special.pad,
+                   "mask_id": tokenizer.special.mask},
+        shards=shards, source=[uri for uri, _ in files],
+        stats={"documents": documents, "input_bytes": sum(n for _, n in files), "eos_padding_tokens": padded,
+               "sft_examples_too_long": skipped},
+        settings_fingerprint=fingerprint,
+    )
+    write_manifest(folder, manifest)
+    return manifest
