@@ -117,8 +117,16 @@ def _describe(exc: BaseException) -> str:
 
 
 def exists(loc: Location) -> bool:
+    """Whether the object or folder exists; a missing S3 bucket is an error, not a missing object."""
     info = retrying(lambda: loc.fs.get_file_info(loc.path), uri=loc.uri, what="inspect")
-    return bool(info.type != pafs.FileType.NotFound)
+    if info.type != pafs.FileType.NotFound:
+        return True
+    if loc.is_s3:
+        bucket = loc.path.split("/", 1)[0]
+        bucket_info = retrying(lambda: loc.fs.get_file_info(bucket), uri=loc.uri, what="inspect")
+        if bucket_info.type == pafs.FileType.NotFound:
+            raise DataError(f"cannot use {loc.uri}: the bucket '{bucket}' does not exist")
+    return False
 
 
 def size(loc: Location) -> int:

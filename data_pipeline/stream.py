@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import storage
-from data_pipeline.ray_jobs import data_error_from, ensure_ray
+from data_pipeline.ray_jobs import ensure_ray
 from data_pipeline.shards import Manifest, check_against_job, decode_shard, read_manifest, table_arrays
 from dlmoe.errors import DataError
 
@@ -81,20 +81,29 @@ def rank_range(batch: int, global_batch_size: int, rank: int, world_size: int) -
 
 
 def _decode_batch(batch: dict[str, np.ndarray], shards: dict[str, Any], manifest_json: str) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` step: check and decode raw shard files into rows (``shard`` = position in window)."""
+    """Ray Data ``map_batches`` step: check and decode raw shard files into rows (``shard`` = position in window).
+
+    A shard that fails its checks comes back as one row whose ``error`` names it (raised by the reader), so the
+    user sees our message rather than Ray's wrapper of it.
+    """
     manifest = Manifest.from_json(manifest_json, "manifest.json")
     by_path = {info.path: info for info in manifest.shards}
     ids_out, prompt_out, position_out = [], [], []
     for raw, path in zip(batch["bytes"], batch["path"], strict=True):
         name = str(path).rsplit("/", 1)[-1]
-        uri = shards[name]["uri"]
-        table = decode_shard(bytes(raw), by_path[name], manifest, uri)
+        try:
+            table = decode_shard(bytes(raw), by_path[name], manifest, shards[name]["uri"])
+        except DataError as exc:
+            return {"input_ids": np.zeros((1, manifest.seq_len), dtype=np.int32),
+                    "prompt_len": np.full(1, -1, dtype=np.int32), "shard": np.full(1, -1, dtype=np.int32),
+                    "error": np.asarray([str(exc)])}
         input_ids, prompt_len = table_arrays(table, manifest.seq_len)
         ids_out.append(input_ids)
         prompt_out.append(prompt_len if prompt_len is not None else np.full(len(input_ids), -1, dtype=np.int32))
         position_out.append(np.full(len(input_ids), shards[name]["position"], dtype=np.int32))
+    rows = sum(len(a) for a in ids_out)
     return {"input_ids": np.concatenate(ids_out), "prompt_len": np.concatenate(prompt_out),
-            "shard": np.concatenate(position_out)}
+            "shard": np.concatenate(position_out), "error": np.full(rows, "")}
 
 
 class TokenStream:
@@ -153,14 +162,11 @@ class TokenStream:
                                              include_paths=True, override_num_blocks=len(locations))
         decode = functools.partial(_decode_batch, shards=shards, manifest_json=self.manifest.to_json())
         dataset = dataset.map_batches(decode, batch_size=1, batch_format="numpy")
-        try:
-            parts = [(int(b["shard"][0]), b["input_ids"], b["prompt_len"])
-                     for b in dataset.iter_batches(batch_size=None, batch_format="numpy")]
-        except Exception as exc:
-            cause = data_error_from(exc)
-            if cause is None:
-                raise
-            raise cause from exc
+        parts = []
+        for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            if block["error"][0]:
+                raise DataError(str(block["error"][0]))
+            parts.append((int(block["shard"][0]), block["input_ids"], block["prompt_len"]))
         parts.sort(key=lambda p: p[0])
         input_ids = np.concatenate([p[1] for p in parts])
         prompt_len = np.concatenate([p[2] for p in parts])

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer as Backend
 from tqdm import tqdm
 
 from data_pipeline import storage
-from data_pipeline.ray_jobs import data_error_from, ensure_ray
+from data_pipeline.ray_jobs import ensure_ray
 from data_pipeline.shards import (
     MANIFEST_FILE,
     Manifest,
@@ -168,9 +168,21 @@ def _tokenizer_from(spec: dict[str, Any]) -> Tokenizer:
 
 
 def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One Ray Data batch = one unit: read → tokenize → pack → write its shard; return metadata and leftovers."""
+    """One Ray Data batch = one unit: read → tokenize → pack → write its shard; return metadata and leftovers.
+
+    A ``DataError`` (a file that cannot be read or parsed) comes back in the ``error`` column for the driver to
+    raise, so the user sees our message rather than Ray's wrapper of it.
+    """
     index = int(batch["unit"][0])
-    files = json.loads(str(batch["files"][0]))
+    try:
+        return _pack_unit(index, json.loads(str(batch["files"][0])), spec)
+    except DataError as exc:
+        return {"unit": np.asarray([index]), "documents": np.asarray([0]), "skipped": np.asarray([0]),
+                "shard": np.asarray(["null"]), "tail": np.asarray([b""], dtype=object),
+                "error": np.asarray([str(exc)])}
+
+
+def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
     tokenizer = _tokenizer_from(spec)
     eos, seq_len = tokenizer.special.eos, spec["seq_len"]
     folder = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
@@ -209,7 +221,7 @@ def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[st
     return {
         "unit": np.asarray([index]), "documents": np.asarray([documents]), "skipped": np.asarray([skipped]),
         "shard": np.asarray([json.dumps(None if info is None else info.__dict__)]),
-        "tail": np.asarray([tail.tobytes()], dtype=object),
+        "tail": np.asarray([tail.tobytes()], dtype=object), "error": np.asarray([""]),
     }
 
 
@@ -256,16 +268,12 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
                                 override_num_blocks=len(units))
     dataset = items.map_batches(functools.partial(_process_unit, spec=worker_spec), batch_size=1, batch_format="numpy")
     results: dict[int, dict[str, Any]] = {}
-    try:
-        with tqdm(total=len(units), desc=f"tokenize → {spec.output}", unit="unit", disable=not progress) as bar:
-            for row in dataset.iter_rows():
-                results[int(row["unit"])] = row
-                bar.update(1)
-    except Exception as exc:
-        cause = data_error_from(exc)
-        if cause is None:
-            raise
-        raise cause from exc
+    with tqdm(total=len(units), desc=f"tokenize → {spec.output}", unit="unit", disable=not progress) as bar:
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise DataError(str(row["error"]))
+            results[int(row["unit"])] = row
+            bar.update(1)
 
     shards: list[ShardInfo] = []
     documents = skipped = 0
