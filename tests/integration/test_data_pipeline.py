@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,6 @@ from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 from data_pipeline.tokenizers import byte_tokenizer
 from dlmoe.cli import main
 from dlmoe.errors import DataError
-
-from .conftest import create_bucket
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SEQ_LEN = 64
@@ -37,8 +36,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def s3_dataset(corpus: Path, s3_endpoint: str) -> str:
-    create_bucket("dlmoe-corpus")
+def s3_dataset(corpus: Path, make_bucket: Callable[[str], str]) -> str:
+    make_bucket("dlmoe-corpus")
     uri = "s3://dlmoe-corpus/tokenized"
     assert main(["tokenize", "--input", str(corpus), "--output", uri, "--seq-len", str(SEQ_LEN), "--format", "text",
                  "--unit-mb", "0.05", "--no-progress"]) == 0
