@@ -80,7 +80,8 @@ class _Unit:
     files: list[str]
 
 
-def _plan_units(files: list[tuple[str, int]], unit_bytes: int) -> list[_Unit]:
+def plan_units(files: list[tuple[str, int]], unit_bytes: int) -> list[_Unit]:
+    """Group (uri, bytes) files, in order, into units of at most ``unit_bytes`` (at least one file each)."""
     units: list[_Unit] = []
     size = 0
     for uri, nbytes in files:
@@ -186,34 +187,32 @@ def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, 
     tokenizer = _tokenizer_from(spec)
     eos, seq_len = tokenizer.special.eos, spec["seq_len"]
     folder = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
-    documents = skipped = 0
+    skipped = 0
     tail = np.zeros(0, dtype=np.int32)
     info: ShardInfo | None = None
+    # One encode_batch over the whole unit: the tokenizer parallelises across documents only within a call.
+    documents_of_unit = [doc for uri in files for doc in _documents(uri, spec)]
+    documents = len(documents_of_unit)
     if spec["sft"]:
         rows, prompt_lens = [], []
-        for uri in files:
-            pairs = list(_documents(uri, spec))
-            documents += len(pairs)
-            prompts = tokenizer.encode_batch([p for p, _ in pairs])
-            responses = tokenizer.encode_batch([r for _, r in pairs])
-            for prompt, response in zip(prompts, responses, strict=True):
-                if len(prompt) + len(response) + 1 > seq_len:
-                    skipped += 1
-                    continue
-                rows.append(prompt + response + [eos] * (seq_len - len(prompt) - len(response)))
-                prompt_lens.append(len(prompt))
+        prompts = tokenizer.encode_batch([p for p, _ in documents_of_unit])
+        responses = tokenizer.encode_batch([r for _, r in documents_of_unit])
+        for prompt, response in zip(prompts, responses, strict=True):
+            if len(prompt) + len(response) + 1 > seq_len:
+                skipped += 1
+                continue
+            rows.append(prompt + response + [eos] * (seq_len - len(prompt) - len(response)))
+            prompt_lens.append(len(prompt))
         if rows:
             info = write_shard(folder, shard_name(index), np.asarray(rows, dtype=np.int32),
                                np.asarray(prompt_lens, dtype=np.int32))
     else:
-        pieces = []
-        for uri in files:
-            docs = list(_documents(uri, spec))
-            documents += len(docs)
-            for ids in tokenizer.encode_batch(docs):
-                pieces.append(np.asarray(ids, dtype=np.int32))
-                pieces.append(np.asarray([eos], dtype=np.int32))
-        stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        encoded = tokenizer.encode_batch(documents_of_unit)
+        lengths = np.asarray([len(ids) + 1 for ids in encoded], dtype=np.int64)
+        stream = np.full(int(lengths.sum()), eos, dtype=np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if documents else np.zeros(0, dtype=np.int64)
+        for start, ids in zip(offsets.tolist(), encoded, strict=True):
+            stream[start:start + len(ids)] = ids
         full = stream.size // seq_len
         if full:
             info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len))
@@ -256,7 +255,7 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
                             f"to replace it")
         storage.delete(manifest_loc)
 
-    units = _plan_units(files, spec.unit_bytes)
+    units = plan_units(files, spec.unit_bytes)
     worker_spec = {
         "output": spec.output, "endpoint_url": storage.s3_endpoint(spec.endpoint_url), "seq_len": spec.seq_len,
         "fmt": spec.fmt, "text_field": spec.text_field, "sft": spec.sft,

@@ -62,7 +62,7 @@ class Tokenizer:
         return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [list(e.ids) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
