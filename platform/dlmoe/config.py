@@ -70,6 +70,7 @@ class DataConfig:
     micro_batch_size: int = 4
     seed: int = 1234
     tokenizer: str = "byte"
+    endpoint_url: str = ""  # S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default
 
 
 @dataclass

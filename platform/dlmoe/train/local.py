@@ -1,41 +1,43 @@
 """Single-process training on this machine: the stand-in for ``dlmoe train`` until the Ray Train + DeepSpeed
 path lands ("Distributed training"). It uses the same objective, noise and balancing as the distributed loop will.
 
-The corpus is the embedded default: the Python standard library's own source files, byte-level tokenized and
-packed into rows of ``seq_len`` separated by EOS (real text that is always present). Sample order is a seeded
-permutation per epoch, and global sample indices drive the masking noise.
+The data is a tokenized dataset (``data.uri``, read through ``data_pipeline.stream.TokenStream`` exactly as a
+distributed worker of rank 0 of 1 reads it), or, with ``data.uri`` empty, the embedded default: the Python
+standard library's own source files, byte-level tokenized and packed into rows of ``seq_len`` separated by EOS
+(real text that is always present), in a seeded permutation per epoch. Either way (epoch, global sample index)
+drives the masking noise.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
-import sysconfig
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data_pipeline.tokenizers import byte_tokenizer
+from data_pipeline.stream import TokenStream
+from data_pipeline.tokenize import default_corpus
+from data_pipeline.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 from dlmoe.config import JobConfig
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.errors import ConfigError, DataError
 from dlmoe.export import save_pretrained
 from dlmoe.model import build_model
 from dlmoe.model.balance import AuxFreeBalancer, expert_load
-from dlmoe.model.config import BYTE_VOCAB_SIZE
+from dlmoe.model.config import ModelConfig
 from dlmoe.train.schedule import lr_at
 
 
 def stdlib_byte_rows(seq_len: int, eos_id: int, max_bytes: int = 4_000_000) -> torch.Tensor:
-    """Rows [N, seq_len] of the stdlib's .py sources as bytes, documents separated by ``eos_id``, in a fixed
-    (sorted) file order; the last partial row is dropped."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
-    if not files:
-        raise DataError(f"no Python sources found under {root} for the embedded default corpus")
+    """Rows [N, seq_len] of the default corpus (``data_pipeline.tokenize.default_corpus``) as bytes, documents
+    separated by ``eos_id``, in its fixed (sorted) file order; the last partial row is dropped."""
+    files = [Path(f) for f in default_corpus()]
     chunks: list[torch.Tensor] = []
     total = 0
     for path in files:
@@ -48,8 +50,56 @@ def stdlib_byte_rows(seq_len: int, eos_id: int, max_bytes: int = 4_000_000) -> t
     stream = torch.cat(chunks)
     rows = stream.numel() // seq_len
     if rows == 0:
-        raise DataError(f"the embedded corpus under {root} is shorter than one row of {seq_len} tokens")
+        raise DataError(f"the embedded corpus ({len(files)} files) is shorter than one row of {seq_len} tokens")
     return stream[: rows * seq_len].view(rows, seq_len)
+
+
+@dataclass
+class StepBatch:
+    """One global batch: its epoch, the global sample indices, the rows and (SFT) the prompt lengths."""
+
+    epoch: int
+    sample_index: torch.Tensor
+    input_ids: torch.Tensor
+    prompt_len: torch.Tensor | None = None
+
+
+def embedded_batches(job: JobConfig, eos_id: int) -> Iterator[StepBatch]:
+    """Global batches of the embedded corpus: a seeded permutation per epoch, the remainder of an epoch unused."""
+    rows = stdlib_byte_rows(job.data.seq_len, eos_id)
+    gbs = job.data.global_batch_size
+    steps_per_epoch = rows.shape[0] // gbs
+    if steps_per_epoch == 0:
+        raise DataError(f"the corpus has {rows.shape[0]} rows, fewer than one global batch of {gbs}")
+    for epoch in itertools.count():
+        order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(job.data.seed + epoch))
+        for step in range(steps_per_epoch):
+            sample_index = torch.arange(step * gbs, (step + 1) * gbs)
+            yield StepBatch(epoch, sample_index, rows[order[sample_index]])
+
+
+def job_tokenizer(job: JobConfig, config: ModelConfig) -> Tokenizer:
+    """The job's tokenizer (``data.tokenizer``: ``byte`` or a tokenizer.json path) with the model's special ids."""
+    if job.data.tokenizer == "byte":
+        return byte_tokenizer()
+    return load_tokenizer(job.data.tokenizer, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                          mask_id=config.mask_token_id)
+
+
+def dataset_batches(job: JobConfig, config: ModelConfig, tokenizer: Tokenizer) -> Iterator[StepBatch]:
+    """Global batches of the tokenized dataset at ``data.uri``, checked against the job and the model."""
+    stream = TokenStream(job.data.uri, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
+                         seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
+                         kind=job.objective.kind, endpoint_url=job.data.endpoint_url or None)
+    mask_id = stream.manifest.tokenizer.get("mask_id")
+    if mask_id != config.mask_token_id:
+        raise ConfigError(f"the dataset {job.data.uri} masks with id {mask_id}, the model with "
+                          f"{config.mask_token_id}", key="model.mask_token_id")
+    for batch in stream:
+        prompt_len = batch.get("prompt_len")
+        yield StepBatch(int(batch["epoch"]), torch.from_numpy(batch["sample_index"]),
+                        torch.from_numpy(batch["input_ids"]),
+                        None if prompt_len is None else torch.from_numpy(prompt_len))
 
 
 @dataclass
@@ -64,20 +114,25 @@ class LocalRunResult:
 
 def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResult:
     """Train ``job`` in this process; write the final weights, a summary and (when ``export.enabled``) the Hugging
-    Face folder with the byte-level tokenizer under ``{checkpoint.storage}/{run_name}/final/``."""
-    if job.data.uri:
-        raise ConfigError("single-process training reads only the embedded default corpus until the data "
-                          "pipeline lands; leave data.uri empty", key="data.uri")
+    Face folder with the job's tokenizer under ``{checkpoint.storage}/{run_name}/final/``."""
     if job.train.num_workers != 1 or job.parallel.ep_size != 1:
         raise ConfigError("single-process training needs train.num_workers=1 and parallel.ep_size=1",
                           key="train.num_workers")
     model_cfg = job.model.to_model_config()
-    if model_cfg.vocab_size < BYTE_VOCAB_SIZE:
-        raise ConfigError(f"the byte-level corpus needs vocab_size >= {BYTE_VOCAB_SIZE}", key="model.vocab_size")
+    tokenizer = job_tokenizer(job, model_cfg)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the tokenizer ({job.data.tokenizer}) has {tokenizer.vocab_size} tokens, more than "
+                          f"vocab_size {model_cfg.vocab_size}", key="model.vocab_size")
+    if job.data.uri:
+        batches = dataset_batches(job, model_cfg, tokenizer)
+    elif job.objective.kind == "sft" or job.data.tokenizer != "byte":
+        raise ConfigError("the embedded corpus is byte-level pretraining text; SFT or another tokenizer needs a "
+                          "tokenized dataset in data.uri (dlmoe tokenize)", key="data.uri")
+    else:
+        batches = embedded_batches(job, model_cfg.eos_token_id)
     torch.manual_seed(job.train.seed)
     model = build_model(model_cfg, seed=job.train.seed)
     model.train()
-    rows = stdlib_byte_rows(job.data.seq_len, model_cfg.eos_token_id)
     balance = job.objective.balance
     objective = MaskedDiffusionObjective(ObjectiveSettings(
         mask_token_id=model_cfg.mask_token_id, seed=job.data.seed, global_batch_size=job.data.global_batch_size,
@@ -92,18 +147,12 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
     gbs, mbs = job.data.global_batch_size, job.data.micro_batch_size
-    steps_per_epoch = rows.shape[0] // gbs
-    if steps_per_epoch == 0:
-        raise DataError(f"the corpus has {rows.shape[0]} rows, fewer than one global batch of {gbs}")
     result = LocalRunResult(run_name=t.run_name, final_step=0)
-    order = torch.empty(0, dtype=torch.int64)
     tokens_seen, start = 0, time.perf_counter()
     counts_LE = torch.zeros(0)
     bar = tqdm(range(t.steps), desc=f"train {t.run_name}", disable=not progress, unit="step")
     for step in bar:
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
-        if step_in_epoch == 0:
-            order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(job.data.seed + epoch))
+        global_batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base_lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps,
                                 schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
@@ -111,9 +160,10 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
         step_loss = 0.0
         step_counts = []
         for micro in range(0, gbs, mbs):
-            sample_index = torch.arange(step_in_epoch * gbs + micro, step_in_epoch * gbs + micro + mbs)
-            batch = rows[order[sample_index]]
-            out = objective(model, batch, sample_index, epoch)
+            part = slice(micro, micro + mbs)
+            prompt_len = None if global_batch.prompt_len is None else global_batch.prompt_len[part]
+            out = objective(model, global_batch.input_ids[part], global_batch.sample_index[part], global_batch.epoch,
+                            prompt_len_B=prompt_len)
             (out.loss * (mbs / gbs)).backward()
             step_loss += float(out.loss.detach()) * mbs / gbs
             tokens_seen += mbs * out.seq_len
@@ -144,7 +194,7 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
         if job.export.output:
             warnings.warn(f"export.output={job.export.output!r} is ignored by single-process training; the "
                           f"Hugging Face folder goes to {out_dir / 'hf'}", stacklevel=2)
-        result.export_dir = str(save_pretrained(model, out_dir / "hf", tokenizer=byte_tokenizer(),
+        result.export_dir = str(save_pretrained(model, out_dir / "hf", tokenizer=tokenizer,
                                                 flavor=job.model.flavor, step=result.final_step,
                                                 source_run=t.run_name))
     return result
