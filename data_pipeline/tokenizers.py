@@ -24,6 +24,11 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 BYTE_SPECIAL_TOKENS = {"eos": "<|eos|>", "pad": "<|pad|>", "mask": "<|mask|>"}
+# Names that mark a special token in common vocabularies, the LLaDA family's first.
+WELL_KNOWN_SPECIALS = {
+    "mask": ("<|mdm_mask|>", "<|mask|>", "[MASK]", "<mask>"),
+    "eos": ("<|endoftext|>", "<|eos|>", "</s>", "<eos>", "<|end_of_text|>"),
+}
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,9 @@ def load_tokenizer(path: str | Path, *, eos_id: int | None = None, pad_id: int |
     """Load ``tokenizer.json`` from a file or a folder.
 
     Special ids given here win; otherwise they come from the folder's ``tokenizer_config.json`` (``eos_token``,
-    ``pad_token``, ``mask_token``); the pad id falls back to the EOS id (the LLaDA convention of padding with EOS).
+    ``pad_token``, ``mask_token``), else from the well-known token names in the vocabulary (LLaDA's
+    ``<|mdm_mask|>``, ``<|endoftext|>``, ...); the pad id falls back to the EOS id (the LLaDA convention of
+    padding with EOS).
     """
     location = Path(path)
     file = location / TOKENIZER_FILE if location.is_dir() else location
@@ -147,9 +154,10 @@ def load_tokenizer(path: str | Path, *, eos_id: int | None = None, pad_id: int |
         if given is not None:
             return given
         token = _config_token(config, role)
-        if token is None:
-            return None
-        return _token_id(backend, token, f"{config_file} ({role}_token), vocabulary {file}")
+        if token is not None:
+            return _token_id(backend, token, f"{config_file} ({role}_token), vocabulary {file}")
+        known = [t for t in WELL_KNOWN_SPECIALS.get(role, ()) if backend.token_to_id(t) is not None]
+        return None if not known else _token_id(backend, known[0], str(file))
 
     eos, mask, pad = resolve("eos", eos_id), resolve("mask", mask_id), resolve("pad", pad_id)
     if eos is None or mask is None:

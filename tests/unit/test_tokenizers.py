@@ -51,9 +51,15 @@ def test_errors_name_the_file_and_the_special(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>", "mask_token": "<|mask|>"}))
     assert load_tokenizer(tmp_path).special.pad == BYTE_EOS_ID  # no pad token: pad with EOS (LLaDA convention)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|eos|>"}))
+    assert load_tokenizer(tmp_path).special.mask == BYTE_MASK_ID  # found by its well-known name
+    (tmp_path / "tokenizer_config.json").unlink()
+    tokenizer_json = tmp_path / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text().replace("<|mask|>", "<|hole|>"))
     with pytest.raises(DataError, match="the mask id is unknown"):
         load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>", "mask_token": "<|mask|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"mask_token": "<|hole|>"}))
+    assert load_tokenizer(tmp_path).special.mask == BYTE_MASK_ID
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<nope>", "mask_token": "<|hole|>"}))
     with pytest.raises(DataError, match=r"eos_token.*token '<nope>' is not in the vocabulary"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
