@@ -158,10 +158,13 @@ class TokenStream:
                 raise DataError(f"shard {loc.uri} is missing (listed in the manifest)")
         shards = {info.path: {"uri": loc.uri, "position": i} for i, (info, loc) in enumerate(zip(infos, locations,
                                                                                                   strict=True))}
+        # The read and decode tasks ask for no CPU: they run inside the training worker's budget, and a Ray Train
+        # worker that holds every CPU of its node must still be able to read its data.
         dataset = ray.data.read_binary_files([loc.path for loc in locations], filesystem=folder.fs,
-                                             include_paths=True, override_num_blocks=len(locations))
+                                             include_paths=True, override_num_blocks=len(locations),
+                                             num_cpus=0)
         decode = functools.partial(_decode_batch, shards=shards, manifest_json=self.manifest.to_json())
-        dataset = dataset.map_batches(decode, batch_size=1, batch_format="numpy")
+        dataset = dataset.map_batches(decode, batch_size=1, batch_format="numpy", num_cpus=0)
         parts = []
         for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             if block["error"][0]:

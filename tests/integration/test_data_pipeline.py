@@ -203,3 +203,27 @@ def test_single_process_training_reads_the_dataset(s3_dataset: str, tmp_path: Pa
         run_local_training(load_job_config(None, [*overrides[:1], "data.seq_len=32", *overrides[2:]]), progress=False)
     with pytest.raises(ConfigError, match="masks with id 258, the model with 259"):
         run_local_training(load_job_config(None, [*overrides, "model.mask_token_id=259"]), progress=False)
+
+
+def _ray_train_loop(config: dict) -> None:
+    import ray.train
+
+    context = ray.train.get_context()
+    stream = TokenStream(config["uri"], global_batch_size=8, seed=11, rank=context.get_world_rank(),
+                         world_size=context.get_world_size(), window_shards=2, max_batches=3)
+    rows = [batch["input_ids"].tolist() for batch in stream]
+    Path(config["out"], f"rank{context.get_world_rank()}.json").write_text(json.dumps(rows))
+
+
+def test_ray_train_workers_build_their_own_streams(s3_dataset: str, tmp_path: Path) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Two workers take both CPUs of the local Ray: the streams' read tasks must run without a CPU of their own.
+    trainer = TorchTrainer(_ray_train_loop, train_loop_config={"uri": s3_dataset, "out": str(tmp_path)},
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+                           run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="stream"))
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    alone = [b["input_ids"].tolist() for b in _batches(s3_dataset, max_batches=3)]
+    assert [a + b for a, b in zip(*ranks, strict=True)] == alone
