@@ -180,16 +180,6 @@ def _wrap_for_autoep(block: nn.Module) -> nn.Module:
     return root
 
 
-def autoep_config_dict(autoep_size: int = 1) -> dict[str, Any]:
-    """The AutoEP section for our MoEBlock layout (fused 3-D experts, gate rows first)."""
-    return {
-        "enabled": True, "autoep_size": autoep_size, "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
-        "router_pattern": "gate", "expert_pattern": "experts", "expert_w1": "gate_up_proj",
-        "expert_w2": "down_proj", "expert_w3": None, "num_experts_attr": "num_experts", "top_k": TOP_K,
-        "score_func": "softmax", "route_norm": False, "score_apply": "post", "has_shared_experts": False,
-    }
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Child-process helpers
 # --------------------------------------------------------------------------------------------------------------
@@ -290,7 +280,11 @@ def _setup(impl: str, tokens: int) -> tuple[Callable[[torch.Tensor], torch.Tenso
 
         ref = _fwd_bwd(ours_fn, x, grad)
         wrapper = _wrap_for_autoep(block)
-        autoep = AutoEP(wrapper, parse_autoep_config(autoep_config_dict(1)))
+        from dlmoe.model import get_flavor
+        from dlmoe.parallel import autoep_section
+
+        section = autoep_section(dataclasses.replace(get_flavor("tiny"), num_experts_per_tok=TOP_K), 1)
+        autoep = AutoEP(wrapper, parse_autoep_config(section))
         specs = autoep.ep_parser()
         if len(specs) != 1:
             raise RuntimeError(f"AutoEP detected {len(specs)} MoE layers, expected 1")

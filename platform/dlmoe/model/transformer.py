@@ -34,7 +34,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(index)
-        self.mlp: MoEBlock | SwiGLU
+        self.mlp: nn.Module
         self.mlp = MoEBlock(config) if self.is_moe else SwiGLU(config.hidden_size, config.dense_intermediate_size)
         self.shared_expert: SwiGLU | None = None
         if self.is_moe and config.shared_expert_intermediate_size:
@@ -45,7 +45,8 @@ class DecoderLayer(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         normed = self.post_attention_layernorm(h)
         stats = None
-        if isinstance(self.mlp, MoEBlock):
+        if self.is_moe:
+            # Our MoEBlock, or whatever the parallelize step put in its place, returns (output, RouterStats).
             mlp_out, stats = self.mlp(normed, valid_T)
         else:
             mlp_out = self.mlp(normed)

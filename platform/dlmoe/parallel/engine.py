@@ -1,0 +1,144 @@
+"""A DeepSpeed engine for a ``DiffusionMoE``, with expert parallelism through DeepSpeed AutoEP.
+
+With ``parallel.ep_size > 1`` the DeepSpeed config carries an ``expert_parallel`` section describing our MoE
+block (``model.layers.{i}.mlp`` with router ``gate`` and fused 3-D experts ``gate_up_proj`` [E, 2I, D], gate rows
+first, and ``down_proj`` [E, D, I]) and LLaDA-MoE's routing (softmax over all experts, top-k, no renormalisation,
+weights applied after the experts). ``deepspeed.initialize`` then replaces each block with an ``AutoEPMoELayer``
+that holds ``E / ep_size`` experts, moves tokens by all-to-all without dropping any, and has DeepSpeed reduce the
+expert gradients over the expert-data-parallel group and partition them under ZeRO. We use AutoEP rather than
+``deepspeed.moe.layer.MoE`` because the latter always renormalises the top-k weights and drops tokens by capacity
+(reference/platform-notes.md), which LLaDA-MoE does not.
+
+AutoEP's layer returns only the hidden states, so each one is wrapped in ``ExpertParallelMoE``, which gives the
+decoder layer what our own block gives it: the output and ``RouterStats`` (router logits, probabilities and the
+global-expert token counts) for the load-balance and z-losses. The wrapper recomputes the router logits from the
+same gate weight — a D × E product, small next to the experts — so the balance losses' gradient reaches the router
+exactly as in our block. With ``ep_size == 1`` no layer is replaced and our own grouped-GEMM block runs under
+DeepSpeed unchanged.
+
+The optimizer is built by DeepSpeed's call of our factory *after* AutoEP has replaced the blocks (a client
+optimizer made before would hold the replaced parameters), with the expert parameters in their own MoE groups as
+ZeRO requires. The learning rate follows ``dlmoe.train.schedule.lr_at`` step by step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dlmoe.config import JobConfig
+from dlmoe.errors import ConfigError
+from dlmoe.model import DiffusionMoE, ModelConfig
+from dlmoe.model.moe import RouterStats
+from dlmoe.train.schedule import lr_at
+
+
+def autoep_section(config: ModelConfig, ep_size: int) -> dict[str, Any]:
+    """DeepSpeed's ``expert_parallel`` section for our MoE block layout and LLaDA-MoE routing."""
+    return {
+        "enabled": True, "autoep_size": ep_size, "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
+        "router_pattern": "gate", "expert_pattern": "experts", "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj", "expert_w3": None, "num_experts_attr": "num_experts",
+        "top_k": config.num_experts_per_tok, "score_func": "softmax", "route_norm": config.norm_topk_prob,
+        "score_apply": "post", "has_shared_experts": False,
+    }
+
+
+def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of ``job`` on ``world_size`` ranks (batch geometry, ZeRO, precision, clipping, EP)."""
+    data, parallel = job.data, job.parallel
+    per_step = data.micro_batch_size * world_size
+    if data.global_batch_size % per_step:
+        raise ConfigError(f"data.global_batch_size {data.global_batch_size} is not a multiple of "
+                          f"data.micro_batch_size {data.micro_batch_size} x {world_size} workers",
+                          key="data.global_batch_size")
+    if world_size % parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size {parallel.ep_size} does not divide the {world_size} workers",
+                          key="parallel.ep_size")
+    config: dict[str, Any] = {
+        "train_batch_size": data.global_batch_size,
+        "train_micro_batch_size_per_gpu": data.micro_batch_size,
+        "gradient_accumulation_steps": data.global_batch_size // per_step,
+        "gradient_clipping": job.train.grad_clip,
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if job.train.precision == "bf16":
+        if not use_gpu:
+            raise ConfigError("bf16 training needs GPUs; use train.precision=fp32 on CPU", key="train.precision")
+        config["bf16"] = {"enabled": True}
+    if parallel.ep_size > 1:
+        if job.objective.balance.mode == "aux_free":
+            raise ConfigError("aux-loss-free balancing is not available with expert parallelism (AutoEP routes "
+                              "without our selection bias); use objective.balance.mode=aux_loss",
+                              key="objective.balance.mode")
+        config["expert_parallel"] = autoep_section(job.model.to_model_config(), parallel.ep_size)
+    return config
+
+
+class ExpertParallelMoE(nn.Module):
+    """An ``AutoEPMoELayer`` with our block's interface: ``(x, valid_T) -> (output, RouterStats)``."""
+
+    def __init__(self, layer: nn.Module, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def forward(self, x: torch.Tensor, valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        out = self.layer(x)
+        if isinstance(out, tuple):
+            out = out[0]
+        x_TD = x.reshape(-1, x.shape[-1])
+        router: Any = self.layer.router
+        logits_TE = F.linear(x_TD, router.gate.weight)
+        if valid_T is not None:
+            logits_TE = logits_TE[valid_T]
+        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        chosen = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
+        return out.reshape(x.shape), RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
+                                                 tokens_per_expert_E=counts)
+
+
+def _optimizer_factory(job: JobConfig) -> Any:
+    t = job.train
+
+    def build(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer({"params": list(params), "name": "params"})
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+
+    return build
+
+
+def _scheduler_factory(job: JobConfig) -> Any:
+    t = job.train
+
+    def build(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(
+            step, base_lr=t.lr, total_steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+            min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction) / t.lr)
+
+    return build
+
+
+def parallelize(model: DiffusionMoE, job: JobConfig, world_size: int, use_gpu: bool = False) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine for ``job`` (torch.distributed must already be initialised)."""
+    import deepspeed
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=_optimizer_factory(job), lr_scheduler=_scheduler_factory(job),
+        config=deepspeed_config(job, world_size, use_gpu), dist_init_required=False)
+    config = model.config
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, AutoEPMoELayer):
+            layer.mlp = ExpertParallelMoE(layer.mlp, config.num_experts, config.num_experts_per_tok)
+    return engine

@@ -1,0 +1,113 @@
+"""The parallelize step: 2 gloo ranks with expert parallelism 2 (DeepSpeed AutoEP) train the debug model to the
+same losses as 1 rank with our own MoE block — same global batches, same noise, balance losses included — and the
+DeepSpeed config refuses what cannot work."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dlmoe.config import load_job_config
+from dlmoe.errors import ConfigError
+from dlmoe.parallel import deepspeed_config
+
+STEPS = 6
+GBS = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
+    from dlmoe.model import build_model
+    from dlmoe.parallel import ExpertParallelMoE, parallelize
+
+    job = load_job_config(None, [f"train.num_workers={world}", f"parallel.ep_size={ep}",
+                                 f"data.global_batch_size={GBS}", f"data.micro_batch_size={GBS // world}",
+                                 "data.seq_len=32", "train.steps=6", "train.warmup_steps=2", "parallel.zero_stage=1"])
+    config = job.model.to_model_config()
+    model = build_model(config, seed=0)
+    engine = parallelize(model, job, world)
+    wrapped = [isinstance(layer.mlp, ExpertParallelMoE) for layer in model.model.layers]
+    objective = MaskedDiffusionObjective(ObjectiveSettings(
+        mask_token_id=config.mask_token_id, seed=job.data.seed, global_batch_size=GBS, aux_loss_coef=0.01,
+        z_loss_coef=0.001, variable_length_prob=0.5))
+    rows = torch.randint(0, 256, (GBS * STEPS, 32), generator=torch.Generator().manual_seed(3))
+    per_rank = GBS // world
+    losses, routed = [], []
+    for step in range(STEPS):
+        index = torch.arange(step * GBS + rank * per_rank, step * GBS + (rank + 1) * per_rank)
+        out = objective(engine, rows[index], index, epoch=0)
+        engine.backward(out.loss)
+        engine.step()
+        total = out.loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+        counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).sum()
+        dist.all_reduce(counts)
+        routed.append(int(counts))
+    if rank == 0:
+        Path(result_path).write_text(json.dumps({"losses": losses, "wrapped": wrapped, "routed": routed,
+                                         "lr": engine.get_lr()[0]}))
+    dist.destroy_process_group()
+
+
+def run(world: int, ep: int, tmp_path: Path) -> dict:
+    out = tmp_path / f"w{world}_ep{ep}.json"
+    mp.spawn(_train, args=(world, ep, _free_port(), str(out)), nprocs=world, join=True)
+    result: dict = json.loads(out.read_text())
+    return result
+
+
+def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path: Path) -> None:
+    one = run(1, 1, tmp_path)
+    two = run(2, 2, tmp_path)
+    assert one["wrapped"] == [False, False] and two["wrapped"] == [True, True]
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-4)
+    assert len(set(one["losses"])) == STEPS  # the losses move: the comparison is not of constants
+    # Dropless: every token of every layer reached its k experts, counted in global expert indices.
+    assert one["routed"] == two["routed"]
+    assert all(r % (2 * 2) == 0 for r in two["routed"])
+    assert one["lr"] == pytest.approx(two["lr"])
+
+
+@pytest.mark.parametrize(("overrides", "world", "key", "message"), [
+    (["parallel.ep_size=2", "train.num_workers=2", "data.global_batch_size=12", "data.micro_batch_size=2"], 3,
+     "parallel.ep_size", "does not divide the 3 workers"),
+    (["data.micro_batch_size=4"], 3, "data.global_batch_size", "not a multiple of data.micro_batch_size 4 x 3"),
+    (["train.precision=bf16"], 1, "train.precision", "bf16 training needs GPUs"),
+    (["parallel.ep_size=2", "train.num_workers=2", "data.micro_batch_size=4", "objective.balance.mode=aux_free",
+      "export.enabled=false"], 2, "objective.balance.mode", "not available with expert parallelism"),
+])
+def test_deepspeed_config_refuses_what_cannot_work(overrides: list[str], world: int, key: str, message: str) -> None:
+    job = load_job_config(None, overrides)
+    with pytest.raises(ConfigError, match=message) as info:
+        deepspeed_config(job, world, use_gpu=False)
+    assert info.value.key == key
+
+
+def test_deepspeed_config_geometry() -> None:
+    job = load_job_config(None, ["data.global_batch_size=16", "data.micro_batch_size=2", "parallel.ep_size=2",
+                                 "train.num_workers=2", "parallel.zero_stage=2"])
+    config = deepspeed_config(job, 2, use_gpu=False)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert config["zero_optimization"] == {"stage": 2} and "bf16" not in config
+    section = config["expert_parallel"]
+    assert section["autoep_size"] == 2 and section["expert_w1"] == "gate_up_proj" and section["expert_w3"] is None
+    assert section["top_k"] == 2 and section["route_norm"] is False and section["score_func"] == "softmax"
