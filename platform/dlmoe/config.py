@@ -75,7 +75,6 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    run_name: str = "debug"
     steps: int = 200
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -87,8 +86,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
+    max_failures: int = 2
     precision: str = "fp32"
     activation_checkpointing: bool = False
     log_every: int = 10
@@ -96,8 +94,22 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
     ep_size: int = 1
     zero_stage: int = 0
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Test-only: kill worker ``rank`` once when it reaches ``step`` (off while either is negative)."""
+
+    rank: int = -1
+    step: int = -1
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank >= 0 and self.step >= 0
 
 
 @dataclass
@@ -127,6 +139,7 @@ class MonitorConfig:
 
 @dataclass
 class JobConfig:
+    run_name: str = "debug"
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -136,6 +149,16 @@ class JobConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
+
+    @property
+    def micro_batch_per_worker(self) -> int:
+        """Samples one worker runs at once: ``data.micro_batch_size``, or its whole share if that is smaller."""
+        return min(self.data.micro_batch_size, max(1, self.data.global_batch_size // self.parallel.num_workers))
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.data.global_batch_size // (self.parallel.num_workers * self.micro_batch_per_worker)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -179,7 +202,7 @@ class JobConfig:
             positive("objective.balance.bias_update_rate", o.balance.bias_update_rate)
         for key, ivalue in (("data.seq_len", d.seq_len), ("data.global_batch_size", d.global_batch_size),
                             ("data.micro_batch_size", d.micro_batch_size), ("train.steps", t.steps),
-                            ("train.num_workers", t.num_workers), ("parallel.ep_size", p.ep_size),
+                            ("parallel.num_workers", p.num_workers), ("parallel.ep_size", p.ep_size),
                             ("checkpoint.every_steps", self.checkpoint.every_steps),
                             ("checkpoint.num_to_keep", self.checkpoint.num_to_keep),
                             ("train.log_every", t.log_every), ("monitor.expert_load_every",
@@ -188,14 +211,17 @@ class JobConfig:
         positive("train.lr", t.lr)
         if d.seq_len > m.max_position_embeddings:
             fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
-        per_step = d.micro_batch_size * t.num_workers
-        if d.global_batch_size % per_step != 0:
-            fail("data.global_batch_size", f"{d.global_batch_size} is not a multiple of data.micro_batch_size "
-                                           f"{d.micro_batch_size} x train.num_workers {t.num_workers}")
+        if d.global_batch_size % p.num_workers != 0:
+            fail("data.global_batch_size", f"{d.global_batch_size} is not a multiple of parallel.num_workers "
+                                           f"{p.num_workers}")
+        share = d.global_batch_size // p.num_workers
+        if share % self.micro_batch_per_worker != 0:
+            fail("data.micro_batch_size", f"a worker's share of the global batch, {share}, is not a multiple of "
+                                          f"its micro-batch {self.micro_batch_per_worker}")
         if m.num_experts % p.ep_size != 0:
             fail("parallel.ep_size", f"{p.ep_size} does not divide model.num_experts {m.num_experts}")
-        if t.num_workers % p.ep_size != 0:
-            fail("parallel.ep_size", f"{p.ep_size} does not divide train.num_workers {t.num_workers}")
+        if p.num_workers % p.ep_size != 0:
+            fail("parallel.ep_size", f"{p.ep_size} does not divide parallel.num_workers {p.num_workers}")
         if p.zero_stage not in (0, 1, 2):
             fail("parallel.zero_stage", f"must be 0, 1 or 2 (ZeRO-3 is not supported with expert parallelism), "
                                         f"got {p.zero_stage}")
@@ -213,8 +239,13 @@ class JobConfig:
         if self.export.enabled and m.norm_topk_prob:
             fail("model.norm_topk_prob", "the release's modeling code never renormalises top-k weights, so an "
                                          "export would compute other logits; set it to false or export.enabled=false")
-        if not t.run_name or "/" in t.run_name:
-            fail("train.run_name", f"must be a non-empty name without '/', got '{t.run_name}'")
+        if t.max_failures < 0:
+            fail("train.max_failures", f"must be non-negative, got {t.max_failures}")
+        if self.fault_injection.rank >= p.num_workers:
+            fail("fault_injection.rank", f"{self.fault_injection.rank} is not a worker rank "
+                                         f"(parallel.num_workers {p.num_workers})")
+        if not self.run_name or "/" in self.run_name:
+            fail("run_name", f"must be a non-empty name without '/', got '{self.run_name}'")
 
 
 def _to_config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:

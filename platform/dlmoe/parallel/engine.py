@@ -48,23 +48,14 @@ def autoep_section(config: ModelConfig, ep_size: int) -> dict[str, Any]:
     }
 
 
-def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config of ``job`` on ``world_size`` ranks (batch geometry, ZeRO, precision, clipping, EP)."""
-    data, parallel = job.data, job.parallel
-    per_step = data.micro_batch_size * world_size
-    if data.global_batch_size % per_step:
-        raise ConfigError(f"data.global_batch_size {data.global_batch_size} is not a multiple of "
-                          f"data.micro_batch_size {data.micro_batch_size} x {world_size} workers",
-                          key="data.global_batch_size")
-    if world_size % parallel.ep_size:
-        raise ConfigError(f"parallel.ep_size {parallel.ep_size} does not divide the {world_size} workers",
-                          key="parallel.ep_size")
+def deepspeed_config(job: JobConfig, use_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of ``job`` (batch geometry, ZeRO, precision, clipping, expert parallelism)."""
     config: dict[str, Any] = {
-        "train_batch_size": data.global_batch_size,
-        "train_micro_batch_size_per_gpu": data.micro_batch_size,
-        "gradient_accumulation_steps": data.global_batch_size // per_step,
+        "train_batch_size": job.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": job.micro_batch_per_worker,
+        "gradient_accumulation_steps": job.accumulation_steps,
         "gradient_clipping": job.train.grad_clip,
-        "zero_optimization": {"stage": parallel.zero_stage},
+        "zero_optimization": {"stage": job.parallel.zero_stage},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -72,12 +63,12 @@ def deepspeed_config(job: JobConfig, world_size: int, use_gpu: bool) -> dict[str
         if not use_gpu:
             raise ConfigError("bf16 training needs GPUs; use train.precision=fp32 on CPU", key="train.precision")
         config["bf16"] = {"enabled": True}
-    if parallel.ep_size > 1:
+    if job.parallel.ep_size > 1:
         if job.objective.balance.mode == "aux_free":
             raise ConfigError("aux-loss-free balancing is not available with expert parallelism (AutoEP routes "
                               "without our selection bias); use objective.balance.mode=aux_loss",
                               key="objective.balance.mode")
-        config["expert_parallel"] = autoep_section(job.model.to_model_config(), parallel.ep_size)
+        config["expert_parallel"] = autoep_section(job.model.to_model_config(), job.parallel.ep_size)
     return config
 
 
@@ -129,14 +120,21 @@ def _scheduler_factory(job: JobConfig) -> Any:
     return build
 
 
-def parallelize(model: DiffusionMoE, job: JobConfig, world_size: int, use_gpu: bool = False) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine for ``job`` (torch.distributed must already be initialised)."""
+def parallelize(model: DiffusionMoE, job: JobConfig, use_gpu: bool = False) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine for ``job`` (torch.distributed must already be initialised with
+    ``parallel.num_workers`` ranks)."""
     import deepspeed
+    import torch.distributed as dist
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != job.parallel.num_workers:
+        raise ConfigError(f"{world} processes run a job configured for parallel.num_workers "
+                          f"{job.parallel.num_workers}", key="parallel.num_workers")
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=_optimizer_factory(job), lr_scheduler=_scheduler_factory(job),
-        config=deepspeed_config(job, world_size, use_gpu), dist_init_required=False)
+        config=deepspeed_config(job, use_gpu), dist_init_required=False)
     config = model.config
     for layer in model.model.layers:
         if isinstance(layer.mlp, AutoEPMoELayer):

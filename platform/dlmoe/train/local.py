@@ -115,9 +115,9 @@ class LocalRunResult:
 def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResult:
     """Train ``job`` in this process; write the final weights, a summary and (when ``export.enabled``) the Hugging
     Face folder with the job's tokenizer under ``{checkpoint.storage}/{run_name}/final/``."""
-    if job.train.num_workers != 1 or job.parallel.ep_size != 1:
-        raise ConfigError("single-process training needs train.num_workers=1 and parallel.ep_size=1",
-                          key="train.num_workers")
+    if job.parallel.num_workers != 1 or job.parallel.ep_size != 1:
+        raise ConfigError("single-process training needs parallel.num_workers=1 and parallel.ep_size=1",
+                          key="parallel.num_workers")
     model_cfg = job.model.to_model_config()
     tokenizer = job_tokenizer(job, model_cfg)
     if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -147,10 +147,10 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
     gbs, mbs = job.data.global_batch_size, job.data.micro_batch_size
-    result = LocalRunResult(run_name=t.run_name, final_step=0)
+    result = LocalRunResult(run_name=job.run_name, final_step=0)
     tokens_seen, start = 0, time.perf_counter()
     counts_LE = torch.zeros(0)
-    bar = tqdm(range(t.steps), desc=f"train {t.run_name}", disable=not progress, unit="step")
+    bar = tqdm(range(t.steps), desc=f"train {job.run_name}", disable=not progress, unit="step")
     for step in bar:
         global_batch = next(batches)
         for group in optimizer.param_groups:
@@ -180,12 +180,12 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens_seen / (time.perf_counter() - start):.0f}")
     result.tokens_per_second = tokens_seen / (time.perf_counter() - start)
 
-    out_dir = Path(job.checkpoint.storage) / t.run_name / "final"
+    out_dir = Path(job.checkpoint.storage) / job.run_name / "final"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pt")
     load = expert_load(counts_LE)
     (out_dir / "summary.json").write_text(json.dumps({
-        "run_name": t.run_name, "final_step": result.final_step, "losses": result.losses,
+        "run_name": job.run_name, "final_step": result.final_step, "losses": result.losses,
         "tokens_per_second": result.tokens_per_second, "config": job.to_dict(),
         "expert_load": {"share": load.share_LE.tolist(), **load.as_metrics()},
     }, indent=1))
@@ -196,5 +196,5 @@ def run_local_training(job: JobConfig, *, progress: bool = True) -> LocalRunResu
                           f"Hugging Face folder goes to {out_dir / 'hf'}", stacklevel=2)
         result.export_dir = str(save_pretrained(model, out_dir / "hf", tokenizer=tokenizer,
                                                 flavor=job.model.flavor, step=result.final_step,
-                                                source_run=t.run_name))
+                                                source_run=job.run_name))
     return result
