@@ -35,7 +35,7 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
     from dlmoe.model import build_model
-    from dlmoe.parallel import ExpertParallelMoE, parallelize
+    from dlmoe.parallel import ExpertParallelMoE, full_state_dict, parallelize
 
     job = load_job_config(None, [f"parallel.num_workers={world}", f"parallel.ep_size={ep}",
                                  f"data.global_batch_size={GBS}", f"data.micro_batch_size={GBS // world}",
@@ -61,7 +61,9 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
         counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).sum()
         dist.all_reduce(counts)
         routed.append(int(counts))
+    state = full_state_dict(model)  # a collective under EP: every rank takes part
     if rank == 0:
+        torch.save(state, result_path + ".pt")
         Path(result_path).write_text(json.dumps({"losses": losses, "wrapped": wrapped, "routed": routed,
                                          "lr": engine.get_lr()[0]}))
     dist.destroy_process_group()
@@ -84,6 +86,11 @@ def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path: Path) -> Non
     assert one["routed"] == two["routed"]
     assert all(r % (2 * 2) == 0 for r in two["routed"])
     assert one["lr"] == pytest.approx(two["lr"])
+    # The experts gathered from both EP ranks, in global order, are the one-rank model's experts after training.
+    full_one, full_two = (torch.load(tmp_path / f"{name}.json.pt") for name in ("w1_ep1", "w2_ep2"))
+    assert full_one.keys() == full_two.keys()
+    for key in full_one:
+        torch.testing.assert_close(full_two[key], full_one[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize(("overrides", "key", "message"), [

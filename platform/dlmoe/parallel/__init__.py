@@ -5,6 +5,14 @@ learning-rate schedule handed to DeepSpeed, and expert parallelism through DeepS
 statistics our losses need (engine.py). May import torch, deepspeed and ``dlmoe``; the model never imports this.
 """
 
-from dlmoe.parallel.engine import ExpertParallelMoE, autoep_section, deepspeed_config, parallelize
+from dlmoe.parallel.engine import (
+    ExpertParallelMoE,
+    autoep_section,
+    deepspeed_config,
+    full_state_dict,
+    parallelize,
+    params_sha256,
+)
 
-__all__ = ["ExpertParallelMoE", "autoep_section", "deepspeed_config", "parallelize"]
+__all__ = ["ExpertParallelMoE", "autoep_section", "deepspeed_config", "full_state_dict", "parallelize",
+           "params_sha256"]

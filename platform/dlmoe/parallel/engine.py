@@ -140,3 +140,48 @@ def parallelize(model: DiffusionMoE, job: JobConfig, use_gpu: bool = False) -> A
         if isinstance(layer.mlp, AutoEPMoELayer):
             layer.mlp = ExpertParallelMoE(layer.mlp, config.num_experts, config.num_experts_per_tok)
     return engine
+
+
+def full_state_dict(model: DiffusionMoE) -> dict[str, torch.Tensor]:
+    """The whole model in dlmoe's own layout and global expert order, on every rank (a collective under EP).
+
+    An expert-parallel layer holds ``E / ep_size`` experts as AutoEP's ``w1`` (gate) [E_l, I, D], ``w3`` (up)
+    [E_l, I, D] and ``w2`` (down) [E_l, D, I]; they are all-gathered over the layer's EP group in rank order (rank
+    r holds experts r·E_l … (r+1)·E_l − 1) and fused back into ``gate_up_proj`` / ``down_proj``. Under ZeRO 0–2
+    every other parameter is whole on every rank.
+    """
+    import torch.distributed as dist
+
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if ".mlp.layer." not in name:
+            state[name] = tensor.detach()
+    for i, layer in enumerate(model.model.layers):
+        if not isinstance(layer.mlp, ExpertParallelMoE):
+            continue
+        inner: Any = layer.mlp.layer
+        group, size = inner.ep_group, inner.ep_size
+
+        def gather(local: torch.Tensor, group: Any = group, size: int = size) -> torch.Tensor:
+            parts = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(parts, local.detach().contiguous(), group=group)
+            return torch.cat(parts)
+
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "gate.weight"] = inner.router.gate.weight.detach()
+        state[prefix + "experts.gate_up_proj"] = torch.cat([gather(inner.experts.w1), gather(inner.experts.w3)], 1)
+        state[prefix + "experts.down_proj"] = gather(inner.experts.w2)
+        state[prefix + "gate.selection_bias_E"] = torch.zeros(layer.mlp.num_experts, dtype=torch.float32)
+    return state
+
+
+def params_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor of a full state dict, in key order (names, shapes, dtypes and bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
