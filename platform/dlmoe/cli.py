@@ -29,18 +29,25 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from dlmoe.config import load_job_config
-    from dlmoe.train.local import run_local_training
+    from dlmoe.train.driver import run_training, show_sample
 
     job = load_job_config(args.job, args.overrides)
     print(f"# resolved job configuration ({args.job or 'embedded default jobs/debug.yaml'})")
     print(job.to_yaml())
-    result = run_local_training(job, progress=not args.no_progress)
-    first, last = result.losses[0], result.losses[-1]
-    print(f"run {result.run_name}: {result.final_step} steps, loss {first:.4f} -> {last:.4f}, "
-          f"{result.tokens_per_second:.0f} tokens/s; weights and summary in {result.output_dir}")
-    if result.export_dir:
-        print(f"Hugging Face folder: {result.export_dir} (try: dlmoe generate {result.export_dir} --prompt 'def ')")
+    result = run_training(job, progress=not args.no_progress)
+    if args.summary_json:
+        Path(args.summary_json).write_text(result.to_json())
+    losses = result.losses
+    print(f"run {result.run_name}: {result.final_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
+          f"{result.restarts} restarts; checkpoints under {job.checkpoint.storage}/{job.run_name}/")
+    if result.export:
+        print(f"Hugging Face folder: {result.export}")
+        sample = show_sample(result.export)
+        if sample is not None:
+            print(f"sample (prompt 'def '): {sample!r}")
     return 0
 
 
@@ -149,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print a JSON report")
     info.set_defaults(func=_info)
 
-    train = sub.add_parser("train", help="train a job (single process until distributed training lands)")
+    train = sub.add_parser("train", help="train a job with Ray Train + DeepSpeed (local Ray, or the cluster in force)")
     train.add_argument("job", nargs="?", default=None, help="job YAML (default: the embedded jobs/debug.yaml)")
     train.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=50")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument("--summary-json", default=None, metavar="PATH",
+                       help="write {run_name, final_step, losses, params_sha256, restarts, checkpoints} here")
     train.set_defaults(func=_train)
 
     gen = sub.add_parser("generate", help="generate text from a saved Hugging Face model folder")

@@ -311,3 +311,14 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
         job.model.moe_layer_freq = [1] * job.model.num_hidden_layers
     job.validate(source=f"{source} with overrides {' '.join(overrides)}" if overrides else source)
     return job
+
+
+def job_from_dict(data: dict[str, Any], source: str = "a resolved job") -> JobConfig:
+    """A ``JobConfig`` from ``JobConfig.to_dict()`` output (as shipped to Ray workers), validated again."""
+    try:
+        job = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), OmegaConf.create(data)))
+    except OmegaConfBaseException as exc:
+        raise _to_config_error(exc, source) from exc
+    assert isinstance(job, JobConfig)
+    job.validate(source=source)
+    return job

@@ -20,7 +20,7 @@ from data_pipeline.tokenizers import byte_tokenizer
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError, DataError
-from dlmoe.train.local import run_local_training
+from dlmoe.train.driver import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SEQ_LEN = 64
@@ -194,15 +194,16 @@ def test_sft_rows_with_prompt_length(tmp_path: Path, bucket: str) -> None:
     assert bytes(chat_row[:len(chat_prompt) + 5].astype(np.uint8)) == (chat_prompt + "hello").encode()
 
 
-def test_single_process_training_reads_the_dataset(s3_dataset: str, tmp_path: Path) -> None:
+def test_training_reads_the_dataset(s3_dataset: str, tmp_path: Path) -> None:
     overrides = [f"data.uri={s3_dataset}", f"data.seq_len={SEQ_LEN}", "train.steps=4", "train.warmup_steps=1",
-                 f"checkpoint.storage={tmp_path}", "export.enabled=false"]
-    result = run_local_training(load_job_config(None, overrides), progress=False)
+                 f"checkpoint.storage={tmp_path}", "export.enabled=false", "parallel.num_workers=1",
+                 "parallel.ep_size=1"]
+    result = run_training(load_job_config(None, overrides), progress=False)
     assert result.final_step == 4 and all(np.isfinite(result.losses))
     with pytest.raises(DataError, match=f"has seq_len {SEQ_LEN}, the job expects 32"):
-        run_local_training(load_job_config(None, [*overrides[:1], "data.seq_len=32", *overrides[2:]]), progress=False)
+        run_training(load_job_config(None, [*overrides, "data.seq_len=32", "run_name=other"]), progress=False)
     with pytest.raises(ConfigError, match="masks with id 258, the model with 259"):
-        run_local_training(load_job_config(None, [*overrides, "model.mask_token_id=259"]), progress=False)
+        run_training(load_job_config(None, [*overrides, "model.mask_token_id=259", "run_name=other"]), progress=False)
 
 
 def _ray_train_loop(config: dict) -> None:

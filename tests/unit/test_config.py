@@ -72,7 +72,7 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("objective.kind=ar", "objective.kind", "must be one of"),
         ("parallel.num_workers=3", "data.global_batch_size", "not a multiple of parallel.num_workers 3"),
         ("data.micro_batch_size=3", "data.micro_batch_size", "not a multiple of its micro-batch 3"),
-        ("fault_injection.rank=1", "fault_injection.rank", "is not a worker rank"),
+        ("fault_injection.rank=2", "fault_injection.rank", "is not a worker rank"),
         ("run_name=a/b", "run_name", "without '/'"),
         ("train.warmup_steps=1000", "train.warmup_steps", "must lie"),
         ("model.mask_token_id=9999", "model.mask_token_id", "outside the vocabulary"),

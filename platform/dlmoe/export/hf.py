@@ -367,7 +367,13 @@ def load_pretrained(model_dir: str | Path, *, device: str | torch.device = "cpu"
     folder = Path(model_dir)
     config = load_config(folder, mask_token_id)
     state = from_hf(_read_tensors(folder), config, where=str(folder))
-    model = build_model(config, device="meta", source=str(folder / CONFIG_FILE))
+    return model_from_state(config, state, device=device, dtype=dtype, source=str(folder / CONFIG_FILE))
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], *, device: str | torch.device = "cpu",
+                     dtype: torch.dtype | None = None, source: str | None = None) -> DiffusionMoE:
+    """A ``DiffusionMoE`` (eval mode) holding a full dlmoe-format state dict, without a random initialisation."""
+    model = build_model(config, device="meta", source=source)
     model.to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,147 @@
+"""``dlmoe train``: a Ray Train ``TorchTrainer`` built from the job config, on the cluster in force or a local one.
+
+Inside ``ray job submit`` or a KubeRay pod, ``ray.init()`` joins that cluster (``RAY_ADDRESS``); elsewhere it
+starts a local one. With ``data.uri`` empty the default corpus (the standard library's sources, byte-level) is
+tokenized once into ``{checkpoint.storage}/data/`` and streamed like any dataset. The run lives under
+``{checkpoint.storage}/{run_name}/``: Ray Train keeps the last ``checkpoint.num_to_keep`` checkpoints there, a
+failed worker group is restarted from the latest one up to ``train.max_failures`` times, and launching the same
+run name again resumes it. Rank 0 exports the final model to ``{checkpoint.storage}/{run_name}/hf``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dlmoe.config import JobConfig
+from dlmoe.errors import ConfigError, DlmoeError
+
+
+@dataclass
+class TrainingResult:
+    """What ``--summary-json`` writes."""
+
+    run_name: str
+    final_step: int
+    losses: list[float] = field(default_factory=list)
+    params_sha256: str = ""
+    restarts: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+    export: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2) + "\n"
+
+
+def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
+    """The dataset URI to stream: ``data.uri``, or the default corpus tokenized once under the storage."""
+    from data_pipeline import storage
+    from data_pipeline.tokenize import TokenizeSpec, run_tokenize
+
+    if job.data.uri:
+        # Fail here, before any worker starts, when the dataset does not fit the job.
+        from data_pipeline.shards import check_against_job, read_manifest
+        from dlmoe.train.worker import job_tokenizer
+
+        manifest = read_manifest(job.data.uri, endpoint_url=job.data.endpoint_url or None)
+        tokenizer = job_tokenizer(job, job.model.to_model_config())
+        check_against_job(manifest, job.data.uri, seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
+                          kind=job.objective.kind)
+        mask_id = manifest.tokenizer.get("mask_id")
+        if mask_id != job.model.mask_token_id:
+            raise ConfigError(f"the dataset {job.data.uri} masks with id {mask_id}, the model with "
+                              f"{job.model.mask_token_id}", key="model.mask_token_id")
+        return job.data.uri
+    if job.data.tokenizer != "byte" or job.objective.kind != "pretrain":
+        raise ConfigError("the default corpus is byte-level pretraining text; SFT or another tokenizer needs a "
+                          "tokenized dataset in data.uri (dlmoe tokenize)", key="data.uri")
+    root = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
+    uri = root.child("data").child(f"stdlib-bytes-{job.data.seq_len}").uri
+    run_tokenize(TokenizeSpec(output=uri, seq_len=job.data.seq_len, endpoint_url=job.data.endpoint_url or None),
+                 progress=progress)
+    return uri
+
+
+def check_resumable(job: JobConfig, run: Any) -> None:
+    """Refuse, before any worker starts, to resume a run whose newest checkpoint the job's settings would break."""
+    from data_pipeline import storage
+    from dlmoe.train.worker import STATE_FILE, checkpoint_shape
+
+    if not storage.exists(run):
+        return
+    states = [json.loads(storage.read_bytes(f)) for f in storage.list_files(run, (STATE_FILE,))]
+    if not states:
+        return
+    newest = max(states, key=lambda s: int(s.get("step", -1)))
+    changed = sorted(k for k, v in checkpoint_shape(job).items() if newest.get("shape", {}).get(k) != v)
+    if changed:
+        raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {newest.get('step')}) was made "
+                          f"with other {', '.join(changed)}; keep them or use a new run_name", key="run_name",
+                          source=run.uri)
+
+
+def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
+    """Train ``job`` with Ray Train; returns the summary of the finished run."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from data_pipeline import storage
+    from dlmoe.train.worker import train_loop_per_worker
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.ERROR)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if job.parallel.use_gpu and gpus < job.parallel.num_workers:
+        raise ConfigError(f"{job.parallel.num_workers} GPU workers requested, the Ray cluster has {gpus:g} GPUs",
+                          key="parallel.use_gpu")
+    dataset = prepare_dataset(job, progress=progress)
+    where = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
+    check_resumable(job, where.child(job.run_name))
+    if not where.is_s3:
+        Path(where.path).mkdir(parents=True, exist_ok=True)
+    # A CPU worker asks for one CPU, or for what the cluster has when it is smaller (a laptop running 2 workers).
+    per_worker = {} if job.parallel.use_gpu else {"CPU": min(1.0, cpus / job.parallel.num_workers)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu},
+        scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
+                                     resources_per_worker=per_worker or None),
+        run_config=RunConfig(name=job.run_name, storage_path=where.path, storage_filesystem=where.fs,
+                             failure_config=FailureConfig(max_failures=job.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise DlmoeError(f"run '{job.run_name}' failed: {result.error}") from result.error
+    metrics: dict[str, Any] = result.metrics or {}
+    checkpoints = [str(c.path) for c, _ in getattr(result, "best_checkpoints", None) or []]
+    if result.checkpoint is not None and str(result.checkpoint.path) not in checkpoints:
+        checkpoints.append(str(result.checkpoint.path))
+    return TrainingResult(run_name=job.run_name, final_step=int(metrics.get("step", 0)),
+                          losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
+                          restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
+                          export=str(metrics.get("export", "")))
+
+
+def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> str | None:
+    """A short generation from an exported folder (local exports only), to show the model end to end."""
+    from data_pipeline.tokenizers import load_tokenizer
+    from dlmoe.diffusion import GenerationSettings, generate
+    from dlmoe.export import load_pretrained
+
+    folder = Path(export_uri)
+    if "://" in export_uri or not folder.is_dir():
+        return None
+    model = load_pretrained(folder)
+    config = model.config
+    tokenizer = load_tokenizer(folder, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                               mask_id=config.mask_token_id)
+    settings = GenerationSettings(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    result = generate(model, [tokenizer.encode(prompt)], settings, mask_id=config.mask_token_id,
+                      eos_id=config.eos_token_id, pad_id=config.pad_token_id)
+    return prompt + tokenizer.decode(result.answers[0])

@@ -1,0 +1,257 @@
+"""The per-worker training function run by Ray Train on every rank (DESIGN.md habit 3): config → stream →
+model → engine → steps. Everything it assembles is a component with its own tests.
+
+Each rank reads its slice of every global batch from ``TokenStream`` (the masking noise of a row is a pure function
+of (seed, epoch, global sample index), so one worker and many train on the same batches with the same noise), builds
+the model from the same seed, and hands it to the parallelize step. Every ``checkpoint.every_steps`` (and at the end)
+all ranks save their DeepSpeed files plus ``dlmoe_state.json`` (step, samples consumed, epoch, the losses so far,
+restarts, config hash) and a ``checksums.json`` into one Ray Train checkpoint. A restarted worker group (a failure
+under ``train.max_failures``, or a relaunch of the same run name) loads the latest checkpoint — weights, optimizer,
+schedule, data position — and carries on. The fault-injection section (tests only) kills one rank once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "dlmoe_state.json"
+FAULT_MARK = "fault_injected"
+CHECKSUM_FILE = "checksums.json"
+TAG = "dlmoe"
+
+
+def job_tokenizer(job: Any, config: Any) -> Any:
+    """The job's tokenizer (``data.tokenizer``: ``byte`` or a tokenizer.json path) with the model's special ids."""
+    from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
+
+    if job.data.tokenizer == "byte":
+        return byte_tokenizer()
+    return load_tokenizer(job.data.tokenizer, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                          mask_id=config.mask_token_id)
+
+
+def checkpoint_shape(job: Any) -> dict[str, Any]:
+    """The settings a checkpoint cannot outlive: model geometry, expert and data parallel layout, batch, data."""
+    return {"model": job.model.to_model_config().to_json_dict(), "mask_token_id": job.model.mask_token_id,
+            "parallel.num_workers": job.parallel.num_workers, "parallel.ep_size": job.parallel.ep_size,
+            "parallel.zero_stage": job.parallel.zero_stage, "data.global_batch_size": job.data.global_batch_size,
+            "data.seq_len": job.data.seq_len, "data.seed": job.data.seed, "data.uri": job.data.uri,
+            "data.tokenizer": job.data.tokenizer, "objective.kind": job.objective.kind}
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    sums = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != CHECKSUM_FILE:
+            sums[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def _mean_over_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return float(tensor.item())
+
+
+def _save(engine: Any, state: dict[str, Any], rank: int) -> Any:
+    """Save this rank's part of a checkpoint in a fresh local folder and return it as a Ray Train checkpoint."""
+    from ray.train import Checkpoint
+
+    folder = Path(tempfile.mkdtemp(prefix="dlmoe-ckpt-"))
+    engine.save_checkpoint(str(folder), tag=TAG)
+    if rank == 0:
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+    sums = _checksums(folder)
+    (folder / f"{CHECKSUM_FILE}.rank{rank}").write_text(json.dumps(sums, indent=1))
+    return Checkpoint.from_directory(str(folder))
+
+
+def _load(engine: Any, checkpoint: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and schedule from a Ray Train checkpoint; return its ``dlmoe_state.json``."""
+    from dlmoe.errors import CheckpointError
+
+    with checkpoint.as_directory() as directory:
+        folder = Path(directory)
+        if not (folder / STATE_FILE).is_file():
+            raise CheckpointError(f"checkpoint {checkpoint.path} has no {STATE_FILE}")
+        for sums_file in sorted(folder.glob(f"{CHECKSUM_FILE}.rank*")):
+            for name, digest in json.loads(sums_file.read_text()).items():
+                path = folder / name
+                if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                    raise CheckpointError(f"checkpoint {checkpoint.path}: {name} is missing or does not match "
+                                          f"{sums_file.name}")
+        state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
+        load_path, _ = engine.load_checkpoint(str(folder), tag=TAG)
+        if load_path is None:
+            raise CheckpointError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under tag '{TAG}'")
+    return state
+
+
+def _run_checkpoints(run: Any) -> list[Any]:
+    """The run's checkpoints in its storage folder, newest (highest step) first."""
+    from ray.train import Checkpoint
+
+    from data_pipeline import storage
+
+    found = []
+    for state_file in storage.list_files(run, (STATE_FILE,)) if storage.exists(run) else []:
+        folder = state_file.path.rsplit("/", 1)[0]
+        if not folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
+            continue
+        step = json.loads(storage.read_bytes(state_file)).get("step", -1)
+        found.append((step, folder, Checkpoint(path=folder, filesystem=run.fs)))
+    return [c for _, _, c in sorted(found, key=lambda f: (f[0], f[1]), reverse=True)]
+
+
+def _resume(engine: Any, run: Any) -> dict[str, Any] | None:
+    """Load the newest checkpoint that verifies — Ray Train's own, else the newest in the run's folder (a relaunch
+    of the run, or a failure before Ray registered the last report); a broken one is skipped with a warning."""
+    import ray.train
+
+    from dlmoe.errors import CheckpointError
+
+    candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None] + _run_checkpoints(run)
+    for checkpoint in sorted(candidates, key=lambda c: _step_of(c), reverse=True):
+        try:
+            return _load(engine, checkpoint)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping a checkpoint that does not verify: {exc}", stacklevel=2)
+    return None
+
+
+def _step_of(checkpoint: Any) -> int:
+    with checkpoint.as_directory() as directory:
+        path = Path(directory) / STATE_FILE
+        return int(json.loads(path.read_text()).get("step", -1)) if path.is_file() else -1
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every rank. ``config``: ``job`` (the resolved job as a dict), ``dataset``
+    (a tokenized dataset URI), ``use_gpu``."""
+    import ray.train
+
+    from data_pipeline import storage
+    from data_pipeline.stream import TokenStream
+    from dlmoe.config import job_from_dict
+    from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
+    from dlmoe.errors import ConfigError
+    from dlmoe.model import build_model
+    from dlmoe.parallel import full_state_dict, parallelize, params_sha256
+
+    job = job_from_dict(config["job"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    model_config = job.model.to_model_config()
+    tokenizer = job_tokenizer(job, model_config)
+    torch.manual_seed(job.train.seed)
+    model = build_model(model_config, seed=job.train.seed)
+    engine = parallelize(model, job, use_gpu=config["use_gpu"])
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
+                             "checkpoints": [], "shape": checkpoint_shape(job), "config_hash": job.config_hash()}
+    run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
+    resumed = _resume(engine, run)
+    if resumed is not None:
+        changed = sorted(k for k, v in checkpoint_shape(job).items() if resumed.get("shape", {}).get(k) != v)
+        if changed:
+            raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint was made with other "
+                              f"{', '.join(changed)}; keep them or use a new run_name", key="run_name")
+        state = {**resumed, "restarts": resumed["restarts"] + 1, "config_hash": job.config_hash()}
+
+    gbs, steps = job.data.global_batch_size, job.train.steps
+    stream = TokenStream(config["dataset"], global_batch_size=gbs, seed=job.data.seed, rank=rank, world_size=world,
+                         start_sample=state["sample_in_epoch"], epoch=state["epoch"], seq_len=job.data.seq_len,
+                         tokenizer_fingerprint=tokenizer.fingerprint, kind=job.objective.kind,
+                         endpoint_url=job.data.endpoint_url or None)
+    balance = job.objective.balance
+    objective = MaskedDiffusionObjective(ObjectiveSettings(
+        mask_token_id=model_config.mask_token_id, seed=job.data.seed, global_batch_size=gbs,
+        sft=job.objective.kind == "sft", eps=job.objective.eps,
+        variable_length_prob=job.objective.variable_length_prob, stratified_t=job.objective.stratified_t,
+        aux_loss_coef=balance.aux_loss_coef if balance.mode == "aux_loss" else 0.0,
+        z_loss_coef=balance.z_loss_coef if balance.mode != "none" else 0.0,
+        global_balance_counts=balance.global_counts))
+
+    micro = job.micro_batch_per_worker
+    batches = iter(stream)
+    progress = _progress(rank, steps, state["step"], job.run_name)
+    started, tokens = time.perf_counter(), 0
+    for step in range(state["step"], steps):
+        fault = job.fault_injection
+        if fault.enabled and rank == fault.rank and step == fault.step and not storage.exists(run.child(FAULT_MARK)):
+            storage.write_bytes(run.child(FAULT_MARK), f"rank {rank} killed at step {step}\n".encode())
+            os._exit(17)  # a hard crash, as a killed pod would be: no cleanup, no last checkpoint
+        batch = next(batches)
+        step_loss = 0.0
+        for lo in range(0, len(batch["input_ids"]), micro):
+            part = slice(lo, lo + micro)
+            prompt_len = batch.get("prompt_len")
+            out = objective(engine, torch.from_numpy(batch["input_ids"][part]),
+                            torch.from_numpy(batch["sample_index"][part]), batch["epoch"],
+                            prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+            engine.backward(out.loss)
+            engine.step()
+            step_loss += float(out.loss.detach()) / job.accumulation_steps
+            tokens += out.seq_len * micro
+        loss = _mean_over_ranks(step_loss)
+        state["losses"].append(loss)
+        state["step"] = step + 1
+        state["epoch"] = int(batch["epoch"])
+        state["sample_in_epoch"] = (int(batch["sample_index"][0]) // gbs + 1) * gbs
+        if progress is not None:
+            progress.update(1)
+            rate = tokens * world / (time.perf_counter() - started)
+            progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f} {rate:.0f} tok/s")
+        if (step + 1) % job.checkpoint.every_steps == 0 and step + 1 < steps:
+            state["checkpoints"].append(step + 1)
+            ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0]},
+                             checkpoint=_save(engine, state, rank))
+    if progress is not None:
+        progress.close()
+
+    # The end (also reached at once by a relaunch of a finished run): hash, export, last checkpoint.
+    full = full_state_dict(model)  # a collective under expert parallelism
+    metrics: dict[str, Any] = {"step": state["step"], "losses": state["losses"], "restarts": state["restarts"],
+                               "params_sha256": params_sha256(full)}
+    if rank == 0 and job.export.enabled:
+        metrics["export"] = _export(job, model_config, tokenizer, full, state["step"])
+    if not state["checkpoints"] or state["checkpoints"][-1] != state["step"]:
+        state["checkpoints"].append(state["step"])
+    metrics["checkpoints"] = list(state["checkpoints"])
+    ray.train.report(metrics, checkpoint=_save(engine, state, rank))
+
+
+def _export(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.Tensor], step: int) -> str:
+    """Write the final model as a Hugging Face folder to ``{checkpoint.storage}/{run_name}/hf``; return its URI."""
+    from data_pipeline import storage
+    from dlmoe.export import model_from_state, save_pretrained
+
+    model = model_from_state(model_config, {k: v.to("cpu") for k, v in full.items()})
+    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
+        folder = save_pretrained(model, Path(tmp) / "hf", tokenizer=tokenizer, flavor=job.model.flavor, step=step,
+                                 source_run=job.run_name)
+        target = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
+        target = target.child(job.run_name).child("hf")
+        for path in sorted(folder.iterdir()):
+            storage.write_bytes(target.child(path.name), path.read_bytes())
+    return target.uri
+
+
+def _progress(rank: int, total: int, initial: int, run_name: str) -> Any:
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total - initial, desc=f"train {run_name} from step {initial}")

@@ -1,0 +1,93 @@
+"""Distributed training on a local Ray (2 CPUs): the default job end to end through the CLI, one worker and two
+workers with expert parallelism 2 on the same losses, a killed worker that leaves the final weights bit-identical,
+and resuming a run by its name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.tokenizers import load_tokenizer
+from dlmoe.cli import main
+from dlmoe.config import load_job_config
+from dlmoe.errors import ConfigError
+from dlmoe.export import load_pretrained
+from dlmoe.train.driver import TrainingResult, run_training
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false"]
+
+
+def train(storage: Path, *overrides: str) -> TrainingResult:
+    return run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={storage}", *overrides]), progress=False)
+
+
+@pytest.fixture(scope="module")
+def ep2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingResult]:
+    storage = tmp_path_factory.mktemp("runs")
+    return storage, train(storage, "run_name=ep2", "parallel.num_workers=2", "parallel.ep_size=2")
+
+
+def test_default_job_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    summary = tmp_path / "summary.json"
+    assert main(["train", "train.steps=8", "train.warmup_steps=2", f"checkpoint.storage={tmp_path}",
+                 "--no-progress", "--summary-json", str(summary)]) == 0
+    out = capsys.readouterr().out
+    assert "num_workers: 2" in out and "ep_size: 2" in out  # the resolved config is printed first
+    report = json.loads(summary.read_text())
+    assert report["run_name"] == "debug" and report["final_step"] == 8 and len(report["losses"]) == 8
+    assert report["losses"][-1] < report["losses"][0] and report["restarts"] == 0
+    assert len(report["params_sha256"]) == 64 and report["checkpoints"]
+    # The default corpus was tokenized once under the storage; the final model was exported with its tokenizer.
+    assert (tmp_path / "data" / "stdlib-bytes-128" / "manifest.json").is_file()
+    exported = load_pretrained(tmp_path / "debug" / "hf")
+    assert exported.config.num_experts == 8
+    assert load_tokenizer(tmp_path / "debug" / "hf").special.mask == exported.config.mask_token_id
+    assert "sample (prompt 'def ')" in out
+
+
+def test_one_worker_and_two_with_expert_parallelism_give_the_same_losses(
+        tmp_path: Path, ep2_run: tuple[Path, TrainingResult]) -> None:
+    one = train(tmp_path, "run_name=one", "parallel.num_workers=1", "parallel.ep_size=1")
+    _, two = ep2_run
+    assert one.final_step == two.final_step == 6
+    assert two.losses == pytest.approx(one.losses, rel=1e-4)
+    assert len(set(one.losses)) == 6
+
+
+def test_a_killed_worker_changes_nothing(ep2_run: tuple[Path, TrainingResult]) -> None:
+    storage, clean = ep2_run
+    faulty = train(storage, "run_name=faulty", "parallel.num_workers=2", "parallel.ep_size=2",
+                   "fault_injection.rank=1", "fault_injection.step=3")
+    assert faulty.restarts >= 1 and clean.restarts == 0
+    assert faulty.params_sha256 == clean.params_sha256
+    assert faulty.losses == clean.losses
+    assert (storage / "faulty" / "fault_injected").read_text().startswith("rank 1 killed at step 3")
+
+
+def test_relaunch_resumes_and_a_changed_shape_is_refused(tmp_path: Path) -> None:
+    first = train(tmp_path, "run_name=again", "parallel.num_workers=1", "parallel.ep_size=1")
+    longer = train(tmp_path, "run_name=again", "parallel.num_workers=1", "parallel.ep_size=1", "train.steps=8")
+    assert longer.final_step == 8 and longer.restarts == 1
+    assert longer.losses[:6] == first.losses
+    with pytest.raises(ConfigError, match=r"cannot resume: its checkpoint \(step 8\) was made with other model"):
+        train(tmp_path, "run_name=again", "parallel.num_workers=1", "parallel.ep_size=1", "model.hidden_size=32")
+
+
+def test_gpus_that_do_not_exist_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="2 GPU workers requested, the Ray cluster has 0 GPUs"):
+        train(tmp_path, "parallel.num_workers=2", "parallel.ep_size=2", "parallel.use_gpu=true")
+
+
+def test_checkpoint_holds_the_data_position(ep2_run: tuple[Path, TrainingResult]) -> None:
+    storage, _ = ep2_run
+    states = sorted((json.loads(p.read_text()) for p in (storage / "ep2").glob("checkpoint_*/dlmoe_state.json")),
+                    key=lambda s: s["step"])
+    assert [s["step"] for s in states][-1] == 6
+    last = states[-1]
+    assert last["sample_in_epoch"] == 6 * 8 and last["epoch"] == 0
+    assert last["shape"]["parallel.ep_size"] == 2
+    assert torch.tensor(last["losses"]).isfinite().all()
