@@ -31,10 +31,14 @@ def ep2_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingRes
     return storage, train(storage, "run_name=ep2", "parallel.num_workers=2", "parallel.ep_size=2")
 
 
-def test_default_job_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_job_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # As `make train` runs it: storage relative to the working directory (Ray workers run elsewhere).
+    monkeypatch.chdir(tmp_path)
     summary = tmp_path / "summary.json"
-    assert main(["train", "train.steps=8", "train.warmup_steps=2", f"checkpoint.storage={tmp_path}",
+    assert main(["train", "train.steps=8", "train.warmup_steps=2", "checkpoint.storage=runs",
                  "--no-progress", "--summary-json", str(summary)]) == 0
+    tmp_path = tmp_path / "runs"
     out = capsys.readouterr().out
     assert "num_workers: 2" in out and "ep_size: 2" in out  # the resolved config is printed first
     report = json.loads(summary.read_text())

@@ -65,6 +65,21 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
     return uri
 
 
+def _with_absolute_paths(job: JobConfig) -> JobConfig:
+    """A copy of ``job`` whose local storage, data and tokenizer paths are absolute: Ray workers run elsewhere."""
+    from data_pipeline import storage
+    from dlmoe.config import job_from_dict
+
+    absolute = job_from_dict(job.to_dict())
+    for section, key in (("checkpoint", "storage"), ("data", "uri")):
+        value = getattr(getattr(absolute, section), key)
+        if value and "://" not in value:
+            setattr(getattr(absolute, section), key, storage.resolve(value).path)
+    if absolute.data.tokenizer != "byte" and "://" not in absolute.data.tokenizer:
+        absolute.data.tokenizer = str(Path(absolute.data.tokenizer).expanduser().resolve())
+    return absolute
+
+
 def check_resumable(job: JobConfig, run: Any) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint the job's settings would break."""
     from data_pipeline import storage
@@ -99,6 +114,7 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     if job.parallel.use_gpu and gpus < job.parallel.num_workers:
         raise ConfigError(f"{job.parallel.num_workers} GPU workers requested, the Ray cluster has {gpus:g} GPUs",
                           key="parallel.use_gpu")
+    job = _with_absolute_paths(job)
     dataset = prepare_dataset(job, progress=progress)
     where = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
     check_resumable(job, where.child(job.run_name))
