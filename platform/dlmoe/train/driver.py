@@ -83,7 +83,7 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
 def check_resumable(job: JobConfig, run: Any) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint the job's settings would break."""
     from data_pipeline import storage
-    from dlmoe.train.worker import STATE_FILE, checkpoint_shape
+    from dlmoe.train.worker import STATE_FILE, shape_changes
 
     if not storage.exists(run):
         return
@@ -91,7 +91,7 @@ def check_resumable(job: JobConfig, run: Any) -> None:
     if not states:
         return
     newest = max(states, key=lambda s: int(s.get("step", -1)))
-    changed = sorted(k for k, v in checkpoint_shape(job).items() if newest.get("shape", {}).get(k) != v)
+    changed = shape_changes(job, newest)
     if changed:
         raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {newest.get('step')}) was made "
                           f"with other {', '.join(changed)}; keep them or use a new run_name", key="run_name",

@@ -49,6 +49,11 @@ def checkpoint_shape(job: Any) -> dict[str, Any]:
             "data.tokenizer": job.data.tokenizer, "objective.kind": job.objective.kind}
 
 
+def shape_changes(job: Any, state: dict[str, Any]) -> list[str]:
+    """The checkpoint-bound settings of ``job`` that differ from those a checkpoint's state was made with."""
+    return sorted(k for k, v in checkpoint_shape(job).items() if state.get("shape", {}).get(k) != v)
+
+
 def _checksums(folder: Path) -> dict[str, str]:
     sums = {}
     for path in sorted(folder.rglob("*")):
@@ -164,7 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
     resumed = _resume(engine, run)
     if resumed is not None:
-        changed = sorted(k for k, v in checkpoint_shape(job).items() if resumed.get("shape", {}).get(k) != v)
+        changed = shape_changes(job, resumed)
         if changed:
             raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint was made with other "
                               f"{', '.join(changed)}; keep them or use a new run_name", key="run_name")
