@@ -43,6 +43,9 @@ def _train(args: argparse.Namespace) -> int:
     losses = result.losses
     print(f"run {result.run_name}: {result.final_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
           f"{result.restarts} restarts; checkpoints under {job.checkpoint.storage}/{job.run_name}/")
+    if result.mlflow_run_id:
+        print(f"MLflow run {result.mlflow_run_id} at {result.tracking_uri} (mlflow ui --backend-store-uri "
+              f"{result.tracking_uri})")
     if result.export:
         print(f"Hugging Face folder: {result.export}")
         sample = show_sample(result.export)

@@ -5,7 +5,8 @@ starts a local one. With ``data.uri`` empty the default corpus (the standard lib
 tokenized once into ``{checkpoint.storage}/data/`` and streamed like any dataset. The run lives under
 ``{checkpoint.storage}/{run_name}/``: Ray Train keeps the last ``checkpoint.num_to_keep`` checkpoints there, a
 failed worker group is restarted from the latest one up to ``train.max_failures`` times, and launching the same
-run name again resumes it. Rank 0 exports the final model to ``{checkpoint.storage}/{run_name}/hf``.
+run name again resumes it. The driver opens (or finds again) the run's MLflow run, into which rank 0 logs. Rank 0
+exports the final model to ``{checkpoint.storage}/{run_name}/hf``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from dlmoe.config import JobConfig
 from dlmoe.errors import ConfigError, DlmoeError
+from dlmoe.tracking import open_run, tracking_uri
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TrainingResult:
     restarts: int = 0
     checkpoints: list[str] = field(default_factory=list)
     export: str = ""
+    mlflow_run_id: str = ""
+    tracking_uri: str = ""
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2) + "\n"
@@ -77,6 +81,7 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
             setattr(getattr(absolute, section), key, storage.resolve(value).path)
     if absolute.data.tokenizer != "byte" and "://" not in absolute.data.tokenizer:
         absolute.data.tokenizer = str(Path(absolute.data.tokenizer).expanduser().resolve())
+    absolute.tracking.uri = tracking_uri(job)
     return absolute
 
 
@@ -122,9 +127,11 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
         Path(where.path).mkdir(parents=True, exist_ok=True)
     # A CPU worker asks for one CPU, or for what the cluster has when it is smaller (a laptop running 2 workers).
     per_worker = {} if job.parallel.use_gpu else {"CPU": min(1.0, cpus / job.parallel.num_workers)}
+    mlflow_run_id = open_run(job) if job.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu},
+        train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu,
+                           "mlflow_run_id": mlflow_run_id, "progress": progress},
         scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
                                      resources_per_worker=per_worker or None),
         run_config=RunConfig(name=job.run_name, storage_path=where.path, storage_filesystem=where.fs,
@@ -141,7 +148,8 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     return TrainingResult(run_name=job.run_name, final_step=int(metrics.get("step", 0)),
                           losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
                           restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
-                          export=str(metrics.get("export", "")))
+                          export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
+                          tracking_uri=job.tracking.uri if mlflow_run_id else "")
 
 
 def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> str | None:

@@ -153,7 +153,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
     from dlmoe.errors import ConfigError
     from dlmoe.model import build_model
+    from dlmoe.model.balance import AuxFreeBalancer, expert_load
     from dlmoe.parallel import full_state_dict, parallelize, params_sha256
+    from dlmoe.tracking import make_tracker
 
     job = job_from_dict(config["job"])
     context = ray.train.get_context()
@@ -189,9 +191,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         z_loss_coef=balance.z_loss_coef if balance.mode != "none" else 0.0,
         global_balance_counts=balance.global_counts))
 
+    balancer = AuxFreeBalancer(model, balance.bias_update_rate) if balance.mode == "aux_free" else None
+    tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
     micro = job.micro_batch_per_worker
     batches = iter(stream)
-    progress = _progress(rank, steps, state["step"], job.run_name)
+    progress = _progress(rank, steps, state["step"], job.run_name) if config.get("progress", True) else None
     started, tokens = time.perf_counter(), 0
     for step in range(state["step"], steps):
         fault = job.fault_injection
@@ -200,6 +204,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             os._exit(17)  # a hard crash, as a killed pod would be: no cleanup, no last checkpoint
         batch = next(batches)
         step_loss = 0.0
+        parts = torch.zeros(2, dtype=torch.float64)  # balance and z-loss, averaged over micro-batches
+        counts_LE: torch.Tensor | None = None
         for lo in range(0, len(batch["input_ids"]), micro):
             part = slice(lo, lo + micro)
             prompt_len = batch.get("prompt_len")
@@ -209,15 +215,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out.loss)
             engine.step()
             step_loss += float(out.loss.detach()) / job.accumulation_steps
+            parts += torch.tensor([float(out.balance_loss), float(out.z_loss)]) / job.accumulation_steps
+            counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
+            counts_LE = counts if counts_LE is None else counts_LE + counts
             tokens += out.seq_len * micro
         loss = _mean_over_ranks(step_loss)
+        if balancer is not None and counts_LE is not None:
+            balancer.update(counts_LE)  # this rank's counts: the balancer sums them over the ranks itself
+        if counts_LE is not None and dist.is_initialized() and world > 1:
+            dist.all_reduce(counts_LE)
+            dist.all_reduce(parts)
+            parts /= world
+        rate = tokens * world / (time.perf_counter() - started)
+        if (step + 1) % job.train.log_every == 0 or step + 1 == steps:
+            grad_norm = engine.get_global_grad_norm()
+            metrics_now = {"loss": loss, "lr": float(engine.get_lr()[0]), "tokens_per_s": rate,
+                           "balance_loss": float(parts[0]), "z_loss": float(parts[1]),
+                           **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                           **(expert_load(counts_LE).as_metrics() if counts_LE is not None else {})}
+            tracker.log_metrics(metrics_now, step + 1)
+        if counts_LE is not None and ((step + 1) % job.monitor.expert_load_every == 0 or step + 1 == steps):
+            share = expert_load(counts_LE).share_LE
+            tracker.log_artifact(f"expert_load/step-{step + 1:08d}.json", json.dumps(
+                {"step": step + 1, "layers": share.shape[0], "experts": share.shape[1],
+                 "tokens_per_expert": counts_LE.tolist(), "share": share.tolist()}))
         state["losses"].append(loss)
         state["step"] = step + 1
         state["epoch"] = int(batch["epoch"])
         state["sample_in_epoch"] = (int(batch["sample_index"][0]) // gbs + 1) * gbs
         if progress is not None:
             progress.update(1)
-            rate = tokens * world / (time.perf_counter() - started)
             progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f} {rate:.0f} tok/s")
         if (step + 1) % job.checkpoint.every_steps == 0 and step + 1 < steps:
             state["checkpoints"].append(step + 1)
@@ -236,6 +263,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["checkpoints"].append(state["step"])
     metrics["checkpoints"] = list(state["checkpoints"])
     ray.train.report(metrics, checkpoint=_save(engine, state, rank))
+    tracker.finish()
 
 
 def _export(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.Tensor], step: int) -> str:
