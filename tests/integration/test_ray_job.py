@@ -1,0 +1,79 @@
+"""The Ray CLI path: a separate local Ray cluster (`ray start --head` on 127.0.0.1, token authentication on), and
+`dlmoe train` submitted to it with `ray job submit --working-dir .`, as a user would against a KubeRay cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stop_cluster(marks: tuple[str, ...]) -> None:
+    """Stop only this cluster's processes (``ray stop`` would also stop the test session's own Ray)."""
+    roots = [p for p in psutil.process_iter(["cmdline"]) if any(m in a for a in p.info["cmdline"] or [] for m in marks)]
+    tree = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            tree.update({c.pid: c for c in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    for process in tree.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(list(tree.values()), timeout=15)
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
+    # A short folder: Ray's unix sockets live below it and their paths may not exceed 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="dlmoe-ray-", dir="/tmp"))
+    gcs, dashboard, client = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                            "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard",
+                            "true", "--disable-usage-stats", "--temp-dir", str(temp_dir)],
+                           env=env, capture_output=True, text=True, timeout=120, check=False)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        _stop_cluster((str(temp_dir), f":{gcs}"))
+        shutil.rmtree(temp_dir)
+
+
+def test_ray_job_submit_runs_dlmoe_train(ray_cluster: tuple[str, dict[str, str]], tmp_path: Path) -> None:
+    address, env = ray_cluster
+    summary = tmp_path / "summary.json"
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+         sys.executable, "-m", "dlmoe.cli", "train", "jobs/debug.yaml", "train.steps=4", "train.warmup_steps=1",
+         f"checkpoint.storage={tmp_path / 'runs'}", "run_name=submitted", "tracking.enabled=false",
+         "export.enabled=false", "--no-progress", "--summary-json", str(summary)],
+        env=env, capture_output=True, text=True, timeout=540, check=False)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    assert "succeeded" in submit.stdout + submit.stderr
+    report = json.loads(summary.read_text())
+    assert report["run_name"] == "submitted" and report["final_step"] == 4 and len(report["losses"]) == 4
+    assert (tmp_path / "runs" / "submitted").is_dir()
