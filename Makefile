@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/experts_scaling.py
 	$(BIN)/python bench/sampler.py
 	$(BIN)/python bench/data_throughput.py
+	$(BIN)/python bench/training.py
 
 clean:
 	rm -rf $(VENV) runs mlruns .pytest_cache .mypy_cache .ruff_cache

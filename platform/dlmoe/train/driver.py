@@ -35,6 +35,7 @@ class TrainingResult:
     export: str = ""
     mlflow_run_id: str = ""
     tracking_uri: str = ""
+    tokens_per_second: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2) + "\n"
@@ -149,7 +150,8 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
                           losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
                           restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
                           export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
-                          tracking_uri=job.tracking.uri if mlflow_run_id else "")
+                          tracking_uri=job.tracking.uri if mlflow_run_id else "",
+                          tokens_per_second=float(metrics.get("tokens_per_s", 0.0)))
 
 
 def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> str | None:

@@ -197,6 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(stream)
     progress = _progress(rank, steps, state["step"], job.run_name) if config.get("progress", True) else None
     started, tokens = time.perf_counter(), 0
+    state_start = state["step"]
+    warm_time, warm_tokens = started, 0
     for step in range(state["step"], steps):
         fault = job.fault_injection
         if fault.enabled and rank == fault.rank and step == fault.step and not storage.exists(run.child(FAULT_MARK)):
@@ -227,6 +229,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(parts)
             parts /= world
         rate = tokens * world / (time.perf_counter() - started)
+        if step == state_start:  # steady-state throughput leaves the first step (allocation, warm-up) out
+            warm_time, warm_tokens = time.perf_counter(), tokens
         if (step + 1) % job.train.log_every == 0 or step + 1 == steps:
             grad_norm = engine.get_global_grad_norm()
             metrics_now = {"loss": loss, "lr": float(engine.get_lr()[0]), "tokens_per_s": rate,
@@ -255,8 +259,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # The end (also reached at once by a relaunch of a finished run): hash, export, last checkpoint.
     full = full_state_dict(model)  # a collective under expert parallelism
+    elapsed = time.perf_counter() - warm_time
     metrics: dict[str, Any] = {"step": state["step"], "losses": state["losses"], "restarts": state["restarts"],
-                               "params_sha256": params_sha256(full)}
+                               "params_sha256": params_sha256(full),
+                               "tokens_per_s": (tokens - warm_tokens) * world / elapsed if elapsed > 0 else 0.0}
     if rank == 0 and job.export.enabled:
         metrics["export"] = _export(job, model_config, tokenizer, full, state["step"])
     if not state["checkpoints"] or state["checkpoints"][-1] != state["step"]:

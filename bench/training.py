@@ -1,0 +1,136 @@
+"""Training throughput: the full stack (Ray Train + DeepSpeed) against a plain PyTorch loop of the same model, batch
+and steps in one process; 2 workers with expert parallelism 2 against 1 worker; and the model FLOP utilisation of
+a ``tiny`` step against the measured fp32 matmul peak.
+
+What is measured (fp32, CPU):
+1. The embedded default job's model and data (``debug`` flavor, seq_len 128, global batch 8, the default corpus
+   tokenized byte-level), ``--steps`` optimizer steps, tokens/s over the steps after the first:
+   *plain*: one process, ``build_model`` + ``MaskedDiffusionObjective`` + ``torch.optim.AdamW`` + the WSD schedule
+   + clipping, batches from ``TokenStream`` read in advance (so data loading is not timed);
+   *full stack*: ``run_training`` (a local Ray with 2 CPUs, ``parallel.num_workers`` 1 then 2 with ``ep_size`` 2,
+   ZeRO-1, no mid-run checkpoints, no tracking, no export) — the workers' own steady-state tokens/s.
+2. MFU: one ``tiny`` training step (forward, loss, backward, AdamW) at batch 4 × 512, median of ``--iters`` after
+   a warm-up; model FLOPs = 6 · active non-embedding parameters · tokens + attention (12 · layers · seq_len ·
+   hidden · tokens); divided by the median fp32 ``torch.mm`` 2048³ rate measured in the same process.
+
+Run (from the repository root):
+    .venv/bin/python bench/training.py                  # defaults: --steps 200 --iters 3
+    .venv/bin/python bench/training.py --json /tmp/training.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from benchutil import CpuContention, matmul_peak_gflops
+
+from data_pipeline.stream import TokenStream
+from dlmoe.config import load_job_config
+from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
+from dlmoe.model import build_model, count_parameters, get_flavor
+from dlmoe.train.driver import prepare_dataset, run_training
+from dlmoe.train.schedule import lr_at
+
+
+def plain_loop(overrides: list[str], steps: int) -> float:
+    """Tokens/s of a one-process loop over the same model, data, objective and optimizer as the default job."""
+    job = load_job_config(None, [*overrides, "parallel.num_workers=1", "parallel.ep_size=1"])
+    dataset = prepare_dataset(job, progress=False)
+    stream = TokenStream(dataset, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
+                         max_batches=steps)
+    batches = list(stream)
+    config = job.model.to_model_config()
+    torch.manual_seed(job.train.seed)
+    model = build_model(config, seed=job.train.seed)
+    t, balance = job.train, job.objective.balance
+    objective = MaskedDiffusionObjective(ObjectiveSettings(
+        mask_token_id=config.mask_token_id, seed=job.data.seed, global_batch_size=job.data.global_batch_size,
+        aux_loss_coef=balance.aux_loss_coef, z_loss_coef=balance.z_loss_coef))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    tokens, first = 0, 0.0
+    for step, batch in enumerate(batches):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, base_lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps,
+                                schedule=t.schedule, min_lr_ratio=t.min_lr_ratio, decay_fraction=t.decay_fraction)
+        out = objective(model, torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["sample_index"]),
+                        batch["epoch"])
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        if step == 0:
+            first = time.perf_counter()
+        else:
+            tokens += out.seq_len * len(batch["input_ids"])
+    return tokens / (time.perf_counter() - first)
+
+
+def tiny_mfu(iters: int, batch: int = 4, seq_len: int = 512) -> dict[str, float]:
+    config = get_flavor("tiny")
+    model = build_model(config, seed=0)
+    objective = MaskedDiffusionObjective(ObjectiveSettings(mask_token_id=config.mask_token_id, seed=0,
+                                                           global_batch_size=batch, variable_length_prob=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, 256, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    times = []
+    for step in range(iters + 1):
+        start = time.perf_counter()
+        out = objective(model, ids, torch.arange(step * batch, (step + 1) * batch), epoch=0)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        if step:
+            times.append(time.perf_counter() - start)
+    tokens = batch * seq_len
+    active = count_parameters(model)["active_params"]
+    flops = 6 * active * tokens + 12 * config.num_hidden_layers * seq_len * config.hidden_size * tokens
+    seconds = statistics.median(times)
+    peak = matmul_peak_gflops()
+    return {"step_s": seconds, "gflops": flops / seconds / 1e9, "peak_gflops": peak,
+            "mfu": flops / seconds / 1e9 / peak, "active_params": active, "tokens": tokens}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    storage = tempfile.mkdtemp(prefix="dlmoe-bench-train-")
+    common = [f"train.steps={args.steps}", "train.warmup_steps=10", f"checkpoint.storage={storage}",
+              f"checkpoint.every_steps={args.steps * 10}", "tracking.enabled=false", "export.enabled=false"]
+    torch.set_num_threads(2)
+    contention = CpuContention()
+    results: dict[str, Any] = {"plain_tokens_per_s": plain_loop(common, args.steps)}
+    for workers in (1, 2):
+        job = load_job_config(None, [*common, f"run_name=bench-w{workers}", f"parallel.num_workers={workers}",
+                                     f"parallel.ep_size={workers}"])
+        results[f"full_stack_w{workers}_tokens_per_s"] = run_training(job, progress=False).tokens_per_second
+    results["tiny"] = tiny_mfu(args.iters)
+    results["other_cores_busy"] = contention.others_cores()
+    plain, one, two = (results[k] for k in ("plain_tokens_per_s", "full_stack_w1_tokens_per_s",
+                                            "full_stack_w2_tokens_per_s"))
+    tiny = results["tiny"]
+    print(f"\n{args.steps} steps of the default job (debug flavor, 8 x 128 tokens per step); torch "
+          f"{torch.__version__}; processes other than this one (Ray workers included) kept "
+          f"{results['other_cores_busy']:.2f} cores busy\n")
+    print("| run | tokens/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| plain PyTorch loop, one process | {plain:,.0f} | 1.00 |")
+    print(f"| Ray Train + DeepSpeed, 1 worker | {one:,.0f} | {one / plain:.2f} |")
+    print(f"| Ray Train + DeepSpeed, 2 workers, EP 2 | {two:,.0f} | {two / plain:.2f} (× 1 worker: {two / one:.2f}) |")
+    print(f"\ntiny step (batch {tiny['tokens'] // 512} x 512): {tiny['step_s'] * 1e3:.0f} ms, {tiny['gflops']:.1f} "
+          f"GFLOP/s of model FLOPs = {tiny['mfu']:.1%} of the {tiny['peak_gflops']:.0f} GFLOP/s fp32 matmul peak")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
