@@ -3,8 +3,9 @@ and steps in one process; 2 workers with expert parallelism 2 against 1 worker; 
 a ``tiny`` step against the measured fp32 matmul peak.
 
 What is measured (fp32, CPU):
-1. The embedded default job's model and data (``debug`` flavor, seq_len 128, global batch 8, the default corpus
-   tokenized byte-level), ``--steps`` optimizer steps, tokens/s over the steps after the first:
+1. The model and data of ``--job`` (default ``jobs/tiny.yaml``: 64 experts top-8) at ``--seq-len`` and global batch
+   ``--batch`` on the default corpus tokenized byte-level, ``--steps`` optimizer steps, tokens/s over the steps
+   after the first:
    *plain*: one process, ``build_model`` + ``MaskedDiffusionObjective`` + ``torch.optim.AdamW`` + the WSD schedule
    + clipping, batches from ``TokenStream`` read in advance (so data loading is not timed);
    *full stack*: ``run_training`` (a local Ray with 2 CPUs, ``parallel.num_workers`` 1 then 2 with ``ep_size`` 2,
@@ -14,7 +15,7 @@ What is measured (fp32, CPU):
    hidden · tokens); divided by the median fp32 ``torch.mm`` 2048³ rate measured in the same process.
 
 Run (from the repository root):
-    .venv/bin/python bench/training.py                  # defaults: --steps 200 --iters 3
+    .venv/bin/python bench/training.py        # defaults: --job jobs/tiny.yaml --steps 20 --seq-len 256 --batch 8
     .venv/bin/python bench/training.py --json /tmp/training.json
 """
 
@@ -39,9 +40,9 @@ from dlmoe.train.driver import prepare_dataset, run_training
 from dlmoe.train.schedule import lr_at
 
 
-def plain_loop(overrides: list[str], steps: int) -> float:
-    """Tokens/s of a one-process loop over the same model, data, objective and optimizer as the default job."""
-    job = load_job_config(None, [*overrides, "parallel.num_workers=1", "parallel.ep_size=1"])
+def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
+    """Tokens/s of a one-process loop over the same model, data, objective and optimizer as the job."""
+    job = load_job_config(job_file, [*overrides, "parallel.num_workers=1", "parallel.ep_size=1"])
     dataset = prepare_dataset(job, progress=False)
     stream = TokenStream(dataset, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
                          max_batches=steps)
@@ -99,26 +100,31 @@ def tiny_mfu(iters: int, batch: int = 4, seq_len: int = 512) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--job", default="jobs/tiny.yaml", help="the job whose model and data are trained")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch per worker share)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     storage = tempfile.mkdtemp(prefix="dlmoe-bench-train-")
-    common = [f"train.steps={args.steps}", "train.warmup_steps=10", f"checkpoint.storage={storage}",
-              f"checkpoint.every_steps={args.steps * 10}", "tracking.enabled=false", "export.enabled=false"]
+    common = [f"train.steps={args.steps}", "train.warmup_steps=2", f"checkpoint.storage={storage}",
+              f"checkpoint.every_steps={args.steps * 10}", "tracking.enabled=false", "export.enabled=false",
+              f"data.seq_len={args.seq_len}", f"data.global_batch_size={args.batch}",
+              f"data.micro_batch_size={args.batch}"]
     torch.set_num_threads(2)
     contention = CpuContention()
-    results: dict[str, Any] = {"plain_tokens_per_s": plain_loop(common, args.steps)}
+    results: dict[str, Any] = {"plain_tokens_per_s": plain_loop(args.job, common, args.steps)}
     for workers in (1, 2):
-        job = load_job_config(None, [*common, f"run_name=bench-w{workers}", f"parallel.num_workers={workers}",
-                                     f"parallel.ep_size={workers}"])
+        job = load_job_config(args.job, [*common, f"run_name=bench-w{workers}", f"parallel.num_workers={workers}",
+                                         f"parallel.ep_size={workers}"])
         results[f"full_stack_w{workers}_tokens_per_s"] = run_training(job, progress=False).tokens_per_second
     results["tiny"] = tiny_mfu(args.iters)
     results["other_cores_busy"] = contention.others_cores()
     plain, one, two = (results[k] for k in ("plain_tokens_per_s", "full_stack_w1_tokens_per_s",
                                             "full_stack_w2_tokens_per_s"))
     tiny = results["tiny"]
-    print(f"\n{args.steps} steps of the default job (debug flavor, 8 x 128 tokens per step); torch "
+    print(f"\n{args.steps} steps of {args.job} ({args.batch} x {args.seq_len} tokens per step); torch "
           f"{torch.__version__}; processes other than this one (Ray workers included) kept "
           f"{results['other_cores_busy']:.2f} cores busy\n")
     print("| run | tokens/s | ratio |")

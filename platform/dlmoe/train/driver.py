@@ -126,13 +126,16 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     check_resumable(job, where.child(job.run_name))
     if not where.is_s3:
         Path(where.path).mkdir(parents=True, exist_ok=True)
-    # A CPU worker asks for one CPU, or for what the cluster has when it is smaller (a laptop running 2 workers).
-    per_worker = {} if job.parallel.use_gpu else {"CPU": min(1.0, cpus / job.parallel.num_workers)}
+    # A CPU worker takes its share of the cluster's CPUs and runs that many torch threads (Ray would otherwise
+    # pin it to one thread through OMP_NUM_THREADS).
+    share = cpus / job.parallel.num_workers
+    per_worker = {} if job.parallel.use_gpu else {"CPU": share}
+    threads = max(1, int(share))
     mlflow_run_id = open_run(job) if job.tracking.enabled else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu,
-                           "mlflow_run_id": mlflow_run_id, "progress": progress},
+                           "mlflow_run_id": mlflow_run_id, "progress": progress, "threads": threads},
         scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
                                      resources_per_worker=per_worker or None),
         run_config=RunConfig(name=job.run_name, storage_path=where.path, storage_filesystem=where.fs,

@@ -144,7 +144,8 @@ def _step_of(checkpoint: Any) -> int:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every rank. ``config``: ``job`` (the resolved job as a dict), ``dataset``
-    (a tokenized dataset URI), ``use_gpu``."""
+    (a tokenized dataset URI), ``use_gpu``, ``threads`` (torch threads of a CPU worker), ``mlflow_run_id``,
+    ``progress``."""
     import ray.train
 
     from data_pipeline import storage
@@ -158,6 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dlmoe.tracking import make_tracker
 
     job = job_from_dict(config["job"])
+    if not config["use_gpu"]:
+        torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     model_config = job.model.to_model_config()
