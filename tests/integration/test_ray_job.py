@@ -49,12 +49,16 @@ def _stop_cluster(marks: tuple[str, ...]) -> None:
 def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
     # A short folder: Ray's unix sockets live below it and their paths may not exceed 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="dlmoe-ray-", dir="/tmp"))
-    gcs, dashboard, client = _free_port(), _free_port(), _free_port()
+    gcs, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Every port of its own: the test session's Ray already holds the default agent and metrics ports.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                            "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard",
-                            "true", "--disable-usage-stats", "--temp-dir", str(temp_dir)],
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), *ports,
+                            "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
+                            "--temp-dir", str(temp_dir)],
                            env=env, capture_output=True, text=True, timeout=120, check=False)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
