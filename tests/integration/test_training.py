@@ -18,7 +18,8 @@ from dlmoe.export import load_pretrained
 from dlmoe.train.driver import TrainingResult, run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
-SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false"]
+SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false",
+         "tracking.enabled=false"]
 
 
 def train(storage: Path, *overrides: str) -> TrainingResult:
