@@ -129,11 +129,6 @@ def exists(loc: Location) -> bool:
     return False
 
 
-def size(loc: Location) -> int:
-    info = retrying(lambda: loc.fs.get_file_info(loc.path), uri=loc.uri, what="inspect")
-    return int(info.size or 0)
-
-
 def read_bytes(loc: Location) -> bytes:
     def read() -> bytes:
         with loc.fs.open_input_stream(loc.path) as stream:
@@ -166,8 +161,8 @@ def delete(loc: Location) -> None:
     retrying(remove, uri=loc.uri, what="delete")
 
 
-def list_files(loc: Location, suffixes: tuple[str, ...] = ()) -> list[Location]:
-    """Files under ``loc`` (recursively; ``loc`` itself when it is a file), sorted by path."""
+def list_files(loc: Location, suffixes: tuple[str, ...] = ()) -> list[tuple[Location, int]]:
+    """Files under ``loc`` (recursively; ``loc`` itself when it is a file) with their sizes, sorted by path."""
     def listing() -> list[pafs.FileInfo]:
         info = loc.fs.get_file_info(loc.path)
         if info.type == pafs.FileType.File:
@@ -182,5 +177,5 @@ def list_files(loc: Location, suffixes: tuple[str, ...] = ()) -> list[Location]:
     out = []
     for info in files:
         relative = posixpath.relpath(info.path, loc.path) if info.path != loc.path else ""
-        out.append(loc.child(relative) if relative else loc)
+        out.append((loc.child(relative) if relative else loc, int(info.size or 0)))
     return out

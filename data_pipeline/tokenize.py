@@ -100,10 +100,10 @@ def _list_inputs(spec: TokenizeSpec) -> list[tuple[str, int]]:
         loc = storage.resolve(uri, endpoint_url=spec.endpoint_url)
         if not storage.exists(loc):
             raise DataError(f"input {uri} does not exist")
-        for file in storage.list_files(loc, _SUFFIXES[spec.fmt]):
+        for file, size in storage.list_files(loc, _SUFFIXES[spec.fmt]):
             if Path(file.path).name.startswith("."):
                 continue
-            found.append((file.uri, storage.size(file)))
+            found.append((file.uri, size))
     if not found:
         raise DataError(f"no {spec.fmt} input files under {', '.join(inputs)}")
     return found

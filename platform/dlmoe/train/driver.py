@@ -93,7 +93,7 @@ def check_resumable(job: JobConfig, run: Any) -> None:
 
     if not storage.exists(run):
         return
-    states = [json.loads(storage.read_bytes(f)) for f in storage.list_files(run, (STATE_FILE,))]
+    states = [json.loads(storage.read_bytes(f)) for f, _ in storage.list_files(run, (STATE_FILE,))]
     if not states:
         return
     newest = max(states, key=lambda s: int(s.get("step", -1)))

@@ -111,7 +111,7 @@ def _run_checkpoints(run: Any) -> list[Any]:
     from data_pipeline import storage
 
     found = []
-    for state_file in storage.list_files(run, (STATE_FILE,)) if storage.exists(run) else []:
+    for state_file, _ in storage.list_files(run, (STATE_FILE,)) if storage.exists(run) else []:
         folder = state_file.path.rsplit("/", 1)[0]
         if not folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
             continue
