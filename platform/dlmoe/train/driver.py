@@ -88,15 +88,12 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
 
 def check_resumable(job: JobConfig, run: Any) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint the job's settings would break."""
-    from data_pipeline import storage
-    from dlmoe.train.worker import STATE_FILE, shape_changes
+    from dlmoe.train.worker import run_checkpoint_states, shape_changes
 
-    if not storage.exists(run):
-        return
-    states = [json.loads(storage.read_bytes(f)) for f, _ in storage.list_files(run, (STATE_FILE,))]
+    states = run_checkpoint_states(run)
     if not states:
         return
-    newest = max(states, key=lambda s: int(s.get("step", -1)))
+    newest = states[0][2]
     changed = shape_changes(job, newest)
     if changed:
         raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {newest.get('step')}) was made "

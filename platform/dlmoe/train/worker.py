@@ -104,42 +104,38 @@ def _load(engine: Any, checkpoint: Any) -> dict[str, Any]:
     return state
 
 
-def _run_checkpoints(run: Any) -> list[Any]:
-    """The run's checkpoints in its storage folder, newest (highest step) first."""
-    from ray.train import Checkpoint
-
+def run_checkpoint_states(run: Any) -> list[tuple[int, str, dict[str, Any]]]:
+    """(step, folder, ``dlmoe_state.json``) of every checkpoint in the run's storage folder, newest first."""
     from data_pipeline import storage
 
+    if not storage.exists(run):
+        return []
     found = []
-    for state_file, _ in storage.list_files(run, (STATE_FILE,)) if storage.exists(run) else []:
+    for state_file, _ in storage.list_files(run, (STATE_FILE,)):
         folder = state_file.path.rsplit("/", 1)[0]
-        if not folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
-            continue
-        step = json.loads(storage.read_bytes(state_file)).get("step", -1)
-        found.append((step, folder, Checkpoint(path=folder, filesystem=run.fs)))
-    return [c for _, _, c in sorted(found, key=lambda f: (f[0], f[1]), reverse=True)]
+        if folder.rsplit("/", 1)[-1].startswith("checkpoint_"):
+            state = json.loads(storage.read_bytes(state_file))
+            found.append((int(state.get("step", -1)), folder, state))
+    return sorted(found, key=lambda f: (f[0], f[1]), reverse=True)
 
 
 def _resume(engine: Any, run: Any) -> dict[str, Any] | None:
-    """Load the newest checkpoint that verifies — Ray Train's own, else the newest in the run's folder (a relaunch
-    of the run, or a failure before Ray registered the last report); a broken one is skipped with a warning."""
-    import ray.train
+    """Load the newest checkpoint in the run's folder that verifies; a broken one is skipped with a warning.
+
+    Ray Train keeps its checkpoints in that folder too; scanning it rather than asking ``ray.train.get_checkpoint``
+    also finds a checkpoint Ray had not registered when a worker died just after reporting it, and those of an
+    earlier launch of the same run name.
+    """
+    from ray.train import Checkpoint
 
     from dlmoe.errors import CheckpointError
 
-    candidates = [c for c in (ray.train.get_checkpoint(),) if c is not None] + _run_checkpoints(run)
-    for checkpoint in sorted(candidates, key=lambda c: _step_of(c), reverse=True):
+    for _, folder, _ in run_checkpoint_states(run):
         try:
-            return _load(engine, checkpoint)
+            return _load(engine, Checkpoint(path=folder, filesystem=run.fs))
         except CheckpointError as exc:
             warnings.warn(f"skipping a checkpoint that does not verify: {exc}", stacklevel=2)
     return None
-
-
-def _step_of(checkpoint: Any) -> int:
-    with checkpoint.as_directory() as directory:
-        path = Path(directory) / STATE_FILE
-        return int(json.loads(path.read_text()).get("step", -1)) if path.is_file() else -1
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
