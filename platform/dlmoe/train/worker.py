@@ -62,14 +62,6 @@ def _checksums(folder: Path) -> dict[str, str]:
     return sums
 
 
-def _mean_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return float(tensor.item())
-
-
 def _save(engine: Any, state: dict[str, Any], rank: int) -> Any:
     """Save this rank's part of a checkpoint in a fresh local folder and return it as a Ray Train checkpoint."""
     from ray.train import Checkpoint
@@ -204,8 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             storage.write_bytes(run.child(FAULT_MARK), f"rank {rank} killed at step {step}\n".encode())
             os._exit(17)  # a hard crash, as a killed pod would be: no cleanup, no last checkpoint
         batch = next(batches)
-        step_loss = 0.0
-        parts = torch.zeros(2, dtype=torch.float64)  # balance and z-loss, averaged over micro-batches
+        parts = torch.zeros(3, dtype=torch.float64)  # loss, balance loss, z-loss, averaged over micro-batches
         counts_LE: torch.Tensor | None = None
         for lo in range(0, len(batch["input_ids"]), micro):
             part = slice(lo, lo + micro)
@@ -215,25 +206,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
             engine.backward(out.loss)
             engine.step()
-            step_loss += float(out.loss.detach()) / job.accumulation_steps
-            parts += torch.tensor([float(out.balance_loss), float(out.z_loss)]) / job.accumulation_steps
-            counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
-            counts_LE = counts if counts_LE is None else counts_LE + counts
+            parts += torch.tensor([float(out.loss.detach()), float(out.balance_loss), float(out.z_loss)],
+                                  dtype=torch.float64) / job.accumulation_steps
+            if out.router_stats:
+                counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
+                counts_LE = counts if counts_LE is None else counts_LE + counts
             tokens += out.seq_len * micro
-        loss = _mean_over_ranks(step_loss)
         if balancer is not None and counts_LE is not None:
             balancer.update(counts_LE)  # this rank's counts: the balancer sums them over the ranks itself
-        if counts_LE is not None and dist.is_initialized() and world > 1:
-            dist.all_reduce(counts_LE)
+        if dist.is_initialized() and world > 1:
             dist.all_reduce(parts)
             parts /= world
+            if counts_LE is not None:
+                dist.all_reduce(counts_LE)
+        loss = float(parts[0])
         rate = tokens * world / (time.perf_counter() - started)
         if step == state_start:  # steady-state throughput leaves the first step (allocation, warm-up) out
             warm_time, warm_tokens = time.perf_counter(), tokens
         if (step + 1) % job.train.log_every == 0 or step + 1 == steps:
             grad_norm = engine.get_global_grad_norm()
             metrics_now = {"loss": loss, "lr": float(engine.get_lr()[0]), "tokens_per_s": rate,
-                           "balance_loss": float(parts[0]), "z_loss": float(parts[1]),
+                           "balance_loss": float(parts[1]), "z_loss": float(parts[2]),
                            **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                            **(expert_load(counts_LE).as_metrics() if counts_LE is not None else {})}
             tracker.log_metrics(metrics_now, step + 1)
