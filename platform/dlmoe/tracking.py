@@ -24,8 +24,6 @@ RUN_NAME_TAG = "dlmoe.run_name"
 class Tracker:
     """The no-op tracker; ``MlflowTracker`` overrides every method."""
 
-    run_id: str | None = None
-
     def log_params(self, params: dict[str, Any]) -> None:
         """Record parameters (flat key → value)."""
 
@@ -87,7 +85,6 @@ class MlflowTracker(Tracker):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        self.mlflow_run_id = run_id
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
         # CPU, memory, disk, network (and GPU where present) every 10 s, as system/... metrics.
@@ -99,7 +96,7 @@ class MlflowTracker(Tracker):
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.mlflow_run_id, params=items[start:start + 100])
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
@@ -108,19 +105,19 @@ class MlflowTracker(Tracker):
 
         stamp = int(time.time() * 1000)
         batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        self.client.log_batch(self.mlflow_run_id, metrics=batch)
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, name: str, content: str) -> None:
         with tempfile.TemporaryDirectory(prefix="dlmoe-artifact-") as tmp:
             path = Path(tmp) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(content)
-            self.client.log_artifact(self.mlflow_run_id, str(path), artifact_path=str(Path(name).parent)
+            self.client.log_artifact(self.run_id, str(path), artifact_path=str(Path(name).parent)
                                      if Path(name).parent != Path(".") else None)
 
     def finish(self) -> None:
         self.system.finish()
-        self.client.set_terminated(self.mlflow_run_id, status="FINISHED")
+        self.client.set_terminated(self.run_id, status="FINISHED")
 
 
 def make_tracker(job: JobConfig, rank: int, run_id: str | None) -> Tracker:
