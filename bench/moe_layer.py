@@ -55,7 +55,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -188,10 +187,9 @@ def _wrap_for_autoep(block: nn.Module) -> nn.Module:
 def _init_distributed() -> None:
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from data_pipeline.local_s3 import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from data_pipeline.local_s3 import create_bucket, local_s3_server
+from data_pipeline.local_s3 import create_bucket, free_port, local_s3_server, wait_until_listening
 
 
 @pytest.fixture(scope="session")
@@ -49,31 +49,17 @@ def bucket(make_bucket: Callable[[str], str]) -> str:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server`` process (sqlite backend, local artifact root) on 127.0.0.1."""
-    import socket
     import subprocess
     import sys
-    import time
 
     root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start within 90 s") from None
-                time.sleep(0.2)
+        wait_until_listening(port, proc, "mlflow server", timeout=90)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,14 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from data_pipeline.local_s3 import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop_cluster(marks: tuple[str, ...]) -> None:
@@ -49,10 +44,10 @@ def _stop_cluster(marks: tuple[str, ...]) -> None:
 def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
     # A short folder: Ray's unix sockets live below it and their paths may not exceed 107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="dlmoe-ray-", dir="/tmp"))
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     # Every port of its own: the test session's Ray already holds the default agent and metrics ports.
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     start = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),

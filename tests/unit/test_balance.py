@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_pipeline.local_s3 import free_port
 from dlmoe.model import build_model, get_flavor
 from dlmoe.model.balance import AuxFreeBalancer, expert_load, load_balance_loss, router_z_loss
 from dlmoe.model.moe import RouterStats
@@ -90,12 +90,6 @@ def test_aux_free_balancer_moves_bias_toward_underloaded_experts() -> None:
         balancer.update(torch.ones(3, 8))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _global_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -110,7 +104,7 @@ def _global_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_global_counts_are_all_reduced_across_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_global_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_global_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         local, global_ = map(float, (tmp_path / f"rank{rank}.txt").read_text().split())
         assert local == pytest.approx(1.8)  # 2 * 1.0 * 0.9

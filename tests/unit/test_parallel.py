@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_pipeline.local_s3 import free_port
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError
 from dlmoe.parallel import deepspeed_config
 
 STEPS = 6
 GBS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
@@ -71,7 +65,7 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
 
 def run(world: int, ep: int, tmp_path: Path) -> dict:
     out = tmp_path / f"w{world}_ep{ep}.json"
-    mp.spawn(_train, args=(world, ep, _free_port(), str(out)), nprocs=world, join=True)
+    mp.spawn(_train, args=(world, ep, free_port(), str(out)), nprocs=world, join=True)
     result: dict = json.loads(out.read_text())
     return result
 
