@@ -38,6 +38,7 @@ from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.model import build_model, count_parameters, get_flavor
 from dlmoe.train.driver import prepare_dataset, run_training
 from dlmoe.train.schedule import lr_at
+from dlmoe.train.worker import objective_settings
 
 
 def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
@@ -50,10 +51,8 @@ def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
     config = job.model.to_model_config()
     torch.manual_seed(job.train.seed)
     model = build_model(config, seed=job.train.seed)
-    t, balance = job.train, job.objective.balance
-    objective = MaskedDiffusionObjective(ObjectiveSettings(
-        mask_token_id=config.mask_token_id, seed=job.data.seed, global_batch_size=job.data.global_batch_size,
-        aux_loss_coef=balance.aux_loss_coef, z_loss_coef=balance.z_loss_coef))
+    t = job.train
+    objective = MaskedDiffusionObjective(objective_settings(job))  # exactly the workers' objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     tokens, first = 0, 0.0
     for step, batch in enumerate(batches):

@@ -49,6 +49,20 @@ def checkpoint_shape(job: Any) -> dict[str, Any]:
             "data.tokenizer": job.data.tokenizer, "objective.kind": job.objective.kind}
 
 
+def objective_settings(job: Any) -> Any:
+    """The masked-diffusion objective's settings for ``job`` (noise, SFT, balance-loss coefficients)."""
+    from dlmoe.diffusion import ObjectiveSettings
+
+    balance = job.objective.balance
+    return ObjectiveSettings(
+        mask_token_id=job.model.mask_token_id, seed=job.data.seed, global_batch_size=job.data.global_batch_size,
+        sft=job.objective.kind == "sft", eps=job.objective.eps,
+        variable_length_prob=job.objective.variable_length_prob, stratified_t=job.objective.stratified_t,
+        aux_loss_coef=balance.aux_loss_coef if balance.mode == "aux_loss" else 0.0,
+        z_loss_coef=balance.z_loss_coef if balance.mode != "none" else 0.0,
+        global_balance_counts=balance.global_counts)
+
+
 def shape_changes(job: Any, state: dict[str, Any]) -> list[str]:
     """The checkpoint-bound settings of ``job`` that differ from those a checkpoint's state was made with."""
     return sorted(k for k, v in checkpoint_shape(job).items() if state.get("shape", {}).get(k) != v)
@@ -139,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from data_pipeline import storage
     from data_pipeline.stream import TokenStream
     from dlmoe.config import job_from_dict
-    from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
+    from dlmoe.diffusion import MaskedDiffusionObjective
     from dlmoe.errors import ConfigError
     from dlmoe.model import build_model
     from dlmoe.model.balance import AuxFreeBalancer, expert_load
@@ -174,13 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          tokenizer_fingerprint=tokenizer.fingerprint, kind=job.objective.kind,
                          endpoint_url=job.data.endpoint_url or None)
     balance = job.objective.balance
-    objective = MaskedDiffusionObjective(ObjectiveSettings(
-        mask_token_id=model_config.mask_token_id, seed=job.data.seed, global_batch_size=gbs,
-        sft=job.objective.kind == "sft", eps=job.objective.eps,
-        variable_length_prob=job.objective.variable_length_prob, stratified_t=job.objective.stratified_t,
-        aux_loss_coef=balance.aux_loss_coef if balance.mode == "aux_loss" else 0.0,
-        z_loss_coef=balance.z_loss_coef if balance.mode != "none" else 0.0,
-        global_balance_counts=balance.global_counts))
+    objective = MaskedDiffusionObjective(objective_settings(job))
 
     balancer = AuxFreeBalancer(model, balance.bias_update_rate) if balance.mode == "aux_free" else None
     tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
