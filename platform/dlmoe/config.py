@@ -102,10 +102,12 @@ class ParallelConfig:
 
 @dataclass
 class FaultInjectionConfig:
-    """Test-only: kill worker ``rank`` once when it reaches ``step`` (off while either is negative)."""
+    """Test-only: stop worker ``rank`` once when it reaches ``step`` (off while either is negative) — ``kind``
+    ``kill``: a hard crash, no cleanup; ``sigterm``: the signal Kubernetes sends a pod it ends."""
 
     rank: int = -1
     step: int = -1
+    kind: str = "kill"
 
     @property
     def enabled(self) -> bool:
@@ -117,6 +119,7 @@ class CheckpointConfig:
     storage: str = "runs"
     every_steps: int = 100
     num_to_keep: int = 2
+    sigterm_grace_s: float = 25.0  # how long a worker given SIGTERM may take to reach a checkpoint
 
 
 @dataclass
@@ -190,6 +193,7 @@ class JobConfig:
         choice("objective.balance.mode", o.balance.mode, ("aux_loss", "aux_free", "none"))
         choice("train.schedule", t.schedule, ("constant", "cosine", "wsd"))
         choice("train.precision", t.precision, ("fp32", "bf16"))
+        choice("fault_injection.kind", self.fault_injection.kind, ("kill", "sigterm"))
         if not 0.0 <= o.eps < 1.0:
             fail("objective.eps", f"must lie in [0, 1), got {o.eps}")
         if not 0.0 <= o.variable_length_prob <= 1.0:
@@ -209,6 +213,7 @@ class JobConfig:
                                                                self.monitor.expert_load_every)):
             positive(key, ivalue)
         positive("train.lr", t.lr)
+        positive("checkpoint.sigterm_grace_s", self.checkpoint.sigterm_grace_s)
         if d.seq_len > m.max_position_embeddings:
             fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
         if d.global_batch_size % p.num_workers != 0:

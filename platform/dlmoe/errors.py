@@ -46,3 +46,7 @@ class ExportError(DlmoeError):
 
 class GenerationError(DlmoeError, ValueError):
     """Generation settings or prompts that cannot be decoded (lengths, schedule, context)."""
+
+
+class WorkerPreempted(DlmoeError):
+    """A worker got SIGTERM; its checkpoint is saved and the worker group stops, for Ray Train to restart."""

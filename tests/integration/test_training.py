@@ -70,7 +70,7 @@ def test_a_killed_worker_changes_nothing(ep2_run: tuple[Path, TrainingResult]) -
     assert faulty.restarts >= 1 and clean.restarts == 0
     assert faulty.params_sha256 == clean.params_sha256
     assert faulty.losses == clean.losses
-    assert (storage / "faulty" / "fault_injected").read_text().startswith("rank 1 killed at step 3")
+    assert (storage / "faulty" / "fault_injected").read_text().startswith("rank 1 given kill at step 3")
 
 
 def test_relaunch_resumes_and_a_changed_shape_is_refused(tmp_path: Path) -> None:
@@ -96,3 +96,15 @@ def test_checkpoint_holds_the_data_position(ep2_run: tuple[Path, TrainingResult]
     assert last["sample_in_epoch"] == 6 * 8 and last["epoch"] == 0
     assert last["shape"]["parallel.ep_size"] == 2
     assert torch.tensor(last["losses"]).isfinite().all()
+
+
+def test_sigterm_saves_a_checkpoint_then_the_run_resumes_from_it(ep2_run: tuple[Path, TrainingResult]) -> None:
+    storage, clean = ep2_run
+    stopped = train(storage, "run_name=sigterm", "parallel.num_workers=2", "parallel.ep_size=2",
+                    "fault_injection.rank=1", "fault_injection.step=2", "fault_injection.kind=sigterm")
+    # Checkpoints fall every 2 steps; the SIGTERM during step 3 added one at step 3, and the restart resumed from it
+    # (only that checkpoint's state records the interruption).
+    assert stopped.interruptions == [{"step": 3, "cause": "sigterm"}]
+    assert stopped.restarts == 1
+    assert stopped.params_sha256 == clean.params_sha256 and stopped.losses == clean.losses
+    assert (storage / "sigterm" / "fault_injected").read_text().startswith("rank 1 given sigterm at step 2")

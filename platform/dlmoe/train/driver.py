@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ class TrainingResult:
     params_sha256: str = ""
     restarts: int = 0
     checkpoints: list[str] = field(default_factory=list)
+    interruptions: list[dict[str, Any]] = field(default_factory=list)  # {step, cause}: a checkpoint on preemption
     export: str = ""
     mlflow_run_id: str = ""
     tracking_uri: str = ""
@@ -101,6 +105,28 @@ def check_resumable(job: JobConfig, run: Any) -> None:
                           source=run.uri)
 
 
+def ray_address() -> str | None:
+    """What ``ray.init`` should join: ``None`` lets Ray find the cluster in force (``RAY_ADDRESS``, or the one
+    ``ray start`` last recorded on this machine); ``"local"`` starts a fresh one when that record names a cluster
+    that no longer answers (one that crashed or was killed), where ``ray.init`` would wait on it and fail."""
+    from ray._common.utils import get_ray_address_file
+
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    record = Path(get_ray_address_file(None))
+    recorded = record.read_text().strip() if record.is_file() else ""
+    if not recorded:
+        return None
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        warnings.warn(f"the Ray cluster recorded in {record} ({recorded}) does not answer; starting a local one",
+                      stacklevel=2)
+        return "local"
+    return None
+
+
 def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     """Train ``job`` with Ray Train; returns the summary of the finished run."""
     import ray
@@ -108,10 +134,11 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     from ray.train.torch import TorchTrainer
 
     from data_pipeline import storage
+    from dlmoe.train.preemption import TorchWithSigterm
     from dlmoe.train.worker import train_loop_per_worker
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.ERROR)
+        ray.init(address=ray_address(), include_dashboard=False, logging_level=logging.ERROR)
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
     if job.parallel.use_gpu and gpus < job.parallel.num_workers:
@@ -133,6 +160,7 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu,
                            "mlflow_run_id": mlflow_run_id, "progress": progress, "threads": threads},
+        torch_config=TorchWithSigterm(sigterm_grace_s=job.checkpoint.sigterm_grace_s),
         scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
                                      resources_per_worker=per_worker or None),
         run_config=RunConfig(name=job.run_name, storage_path=where.path, storage_filesystem=where.fs,
@@ -149,6 +177,7 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     return TrainingResult(run_name=job.run_name, final_step=int(metrics.get("step", 0)),
                           losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
                           restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
+                          interruptions=list(metrics.get("interruptions", [])),
                           export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
                           tracking_uri=job.tracking.uri if mlflow_run_id else "",
                           tokens_per_second=float(metrics.get("tokens_per_s", 0.0)))

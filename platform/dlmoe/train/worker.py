@@ -7,7 +7,8 @@ the model from the same seed, and hands it to the parallelize step. Every ``chec
 all ranks save their DeepSpeed files plus ``dlmoe_state.json`` (step, samples consumed, epoch, the losses so far,
 restarts, config hash) and a ``checksums.json`` into one Ray Train checkpoint. A restarted worker group (a failure
 under ``train.max_failures``, or a relaunch of the same run name) loads the latest checkpoint — weights, optimizer,
-schedule, data position — and carries on. The fault-injection section (tests only) kills one rank once.
+schedule, data position — and carries on. A preemption notice from Ray or a SIGTERM adds a checkpoint at the next
+step boundary (``preemption.py``). The fault-injection section (tests only) kills or signals one rank once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 import time
 import warnings
@@ -154,11 +156,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from data_pipeline.stream import TokenStream
     from dlmoe.config import job_from_dict
     from dlmoe.diffusion import MaskedDiffusionObjective
-    from dlmoe.errors import ConfigError
+    from dlmoe.errors import ConfigError, WorkerPreempted
     from dlmoe.model import build_model
     from dlmoe.model.balance import AuxFreeBalancer, expert_load
     from dlmoe.parallel import full_state_dict, parallelize, params_sha256
     from dlmoe.tracking import make_tracker
+    from dlmoe.train.preemption import PreemptionWatch
 
     job = job_from_dict(config["job"])
     if not config["use_gpu"]:
@@ -172,7 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = parallelize(model, job, use_gpu=config["use_gpu"])
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
-                             "checkpoints": [], "shape": checkpoint_shape(job), "config_hash": job.config_hash()}
+                             "checkpoints": [], "interruptions": [], "shape": checkpoint_shape(job),
+                             "config_hash": job.config_hash()}
     run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
     resumed = _resume(engine, run)
     if resumed is not None:
@@ -180,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if changed:
             raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint was made with other "
                               f"{', '.join(changed)}; keep them or use a new run_name", key="run_name")
-        state = {**resumed, "restarts": resumed["restarts"] + 1, "config_hash": job.config_hash()}
+        state = {"interruptions": [], **resumed, "restarts": resumed["restarts"] + 1, "config_hash": job.config_hash()}
 
     gbs, steps = job.data.global_batch_size, job.train.steps
     stream = TokenStream(config["dataset"], global_batch_size=gbs, seed=job.data.seed, rank=rank, world_size=world,
@@ -193,6 +197,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     balancer = AuxFreeBalancer(model, balance.bias_update_rate) if balance.mode == "aux_free" else None
     tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
     micro = job.micro_batch_per_worker
+    watch = PreemptionWatch(rank)
     batches = iter(stream)
     progress = _progress(rank, steps, state["step"], job.run_name) if config.get("progress", True) else None
     started, tokens = time.perf_counter(), 0
@@ -201,10 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for step in range(state["step"], steps):
         fault = job.fault_injection
         if fault.enabled and rank == fault.rank and step == fault.step and not storage.exists(run.child(FAULT_MARK)):
-            storage.write_bytes(run.child(FAULT_MARK), f"rank {rank} killed at step {step}\n".encode())
-            os._exit(17)  # a hard crash, as a killed pod would be: no cleanup, no last checkpoint
+            _inject_fault(fault.kind, run.child(FAULT_MARK), rank, step)
         batch = next(batches)
-        parts = torch.zeros(3, dtype=torch.float64)  # loss, balance loss, z-loss, averaged over micro-batches
+        # loss, balance loss, z-loss (averaged over micro-batches), then the preemption flags (summed over ranks)
+        parts = torch.cat([torch.zeros(3, dtype=torch.float64), watch.flags()])
         counts_LE: torch.Tensor | None = None
         for lo in range(0, len(batch["input_ids"]), micro):
             part = slice(lo, lo + micro)
@@ -214,8 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
             engine.backward(out.loss)
             engine.step()
-            parts += torch.tensor([float(out.loss.detach()), float(out.balance_loss), float(out.z_loss)],
-                                  dtype=torch.float64) / job.accumulation_steps
+            parts[:3] += torch.tensor([float(out.loss.detach()), float(out.balance_loss), float(out.z_loss)],
+                                      dtype=torch.float64) / job.accumulation_steps
             if out.router_stats:
                 counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
                 counts_LE = counts if counts_LE is None else counts_LE + counts
@@ -224,9 +229,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             balancer.update(counts_LE)  # this rank's counts: the balancer sums them over the ranks itself
         if dist.is_initialized() and world > 1:
             dist.all_reduce(parts)
-            parts /= world
+            parts[:3] /= world
             if counts_LE is not None:
                 dist.all_reduce(counts_LE)
+        event = watch.event(parts[3:])
         loss = float(parts[0])
         rate = tokens * world / (time.perf_counter() - started)
         if step == state_start:  # steady-state throughput leaves the first step (allocation, warm-up) out
@@ -250,10 +256,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if progress is not None:
             progress.update(1)
             progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f} {rate:.0f} tok/s")
-        if (step + 1) % job.checkpoint.every_steps == 0 and step + 1 < steps:
+        if event is not None:
+            state["interruptions"].append({"step": step + 1, "cause": event})
+        if step + 1 < steps and (event is not None or (step + 1) % job.checkpoint.every_steps == 0):
             state["checkpoints"].append(step + 1)
             ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0]},
                              checkpoint=_save(engine, state, rank))
+            if event == "sigterm":
+                raise WorkerPreempted(f"rank {rank} of run '{job.run_name}': a worker got SIGTERM; stopped after "
+                                      f"saving the checkpoint of step {step + 1}")
     if progress is not None:
         progress.close()
 
@@ -261,6 +272,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     full = full_state_dict(model)  # a collective under expert parallelism
     elapsed = time.perf_counter() - warm_time
     metrics: dict[str, Any] = {"step": state["step"], "losses": state["losses"], "restarts": state["restarts"],
+                               "interruptions": state.get("interruptions", []),
                                "params_sha256": params_sha256(full),
                                "tokens_per_s": (tokens - warm_tokens) * world / elapsed if elapsed > 0 else 0.0}
     if rank == 0 and job.export.enabled:
@@ -286,6 +298,25 @@ def _export(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.T
         for path in sorted(folder.iterdir()):
             storage.write_bytes(target.child(path.name), path.read_bytes())
     return target.uri
+
+
+def _inject_fault(kind: str, mark: Any, rank: int, step: int) -> None:
+    """Test-only: stop this worker as a failure would. ``kill`` is a hard crash, as a killed pod: no cleanup, no last
+    checkpoint. ``sigterm`` signals this process, then waits until the handler has seen it (Python runs it on the
+    main thread, the next time Ray gives that thread work) so the step it takes effect at is known."""
+    from data_pipeline import storage
+    from dlmoe.errors import DlmoeError
+    from dlmoe.train.preemption import sigterm_received
+
+    storage.write_bytes(mark, f"rank {rank} given {kind} at step {step}\n".encode())
+    if kind == "kill":
+        os._exit(17)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while not sigterm_received():
+        if time.monotonic() > deadline:
+            raise DlmoeError(f"rank {rank}: the SIGTERM handler did not run within 60 s")
+        time.sleep(0.01)
 
 
 def _progress(rank: int, total: int, initial: int, run_name: str) -> Any:
