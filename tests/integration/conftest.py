@@ -24,7 +24,7 @@ def s3_endpoint() -> Iterator[str]:
 def ray_local(s3_endpoint: str) -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         yield
     finally:

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline import storage
 from data_pipeline.tokenizers import load_tokenizer
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError
 from dlmoe.export import load_pretrained
 from dlmoe.train.driver import TrainingResult, run_training
+from dlmoe.train.worker import run_checkpoint_states
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false",
@@ -108,3 +110,25 @@ def test_sigterm_saves_a_checkpoint_then_the_run_resumes_from_it(ep2_run: tuple[
     assert stopped.restarts == 1
     assert stopped.params_sha256 == clean.params_sha256 and stopped.losses == clean.losses
     assert (storage / "sigterm" / "fault_injected").read_text().startswith("rank 1 given sigterm at step 2")
+
+
+def test_checkpoints_in_s3_survive_a_crash_and_a_corrupt_one_is_passed_over(
+        bucket: str, ep2_run: tuple[Path, TrainingResult]) -> None:
+    _, clean = ep2_run
+    runs = f"s3://{bucket}/runs"
+    two = ("run_name=in-s3", "parallel.num_workers=2", "parallel.ep_size=2")
+    crashed = run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={runs}", *two, "export.enabled=true",
+                                                  "fault_injection.rank=0", "fault_injection.step=3"]),
+                           progress=False)
+    assert crashed.restarts >= 1 and crashed.params_sha256 == clean.params_sha256
+    assert crashed.export == f"{runs}/in-s3/hf"
+    assert storage.exists(storage.resolve(f"{runs}/in-s3/hf/config.json"))
+
+    # Damage the newest checkpoint (step 6): relaunching for 2 more steps resumes from the one before (step 4).
+    run = storage.resolve(f"{runs}/in-s3")
+    [newest] = [folder for step, folder, _ in run_checkpoint_states(run) if step == 6]
+    weights = storage.resolve(f"s3://{newest}/dlmoe/mp_rank_00_model_states.pt")
+    storage.write_bytes(weights, b"not a checkpoint")
+    longer = run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={runs}", *two, "train.steps=8"]),
+                          progress=False)
+    assert longer.final_step == 8 and longer.losses[:6] == clean.losses
