@@ -73,15 +73,34 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Median fp32 GFLOP/s of an n x n @ n x n ``torch.mm`` (one untimed warm-up)."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Median GFLOP/s of an n x n @ n x n ``torch.mm`` on ``device`` in ``dtype`` (one untimed warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
     times = []
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a wall clock times it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step_flops(model: Any, batch: int, seq_len: int) -> float:
+    """Model FLOPs of one training step (forward + backward): 6 · active parameters · tokens, plus attention's
+    12 · layers · seq_len · hidden · tokens (``active_params`` leaves out the embedding lookup and idle experts)."""
+    from dlmoe.model import count_parameters
+
+    config = model.config
+    tokens = batch * seq_len
+    active = count_parameters(model)["active_params"]
+    return float(6 * active * tokens + 12 * config.num_hidden_layers * seq_len * config.hidden_size * tokens)

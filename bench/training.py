@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import CpuContention, matmul_peak_gflops
+from benchutil import CpuContention, matmul_peak_gflops, train_step_flops
 
 from data_pipeline.stream import TokenStream
 from dlmoe.config import load_job_config
@@ -88,13 +88,12 @@ def tiny_mfu(iters: int, batch: int = 4, seq_len: int = 512) -> dict[str, float]
         optimizer.step()
         if step:
             times.append(time.perf_counter() - start)
-    tokens = batch * seq_len
-    active = count_parameters(model)["active_params"]
-    flops = 6 * active * tokens + 12 * config.num_hidden_layers * seq_len * config.hidden_size * tokens
+    flops = train_step_flops(model, batch, seq_len)
     seconds = statistics.median(times)
     peak = matmul_peak_gflops()
     return {"step_s": seconds, "gflops": flops / seconds / 1e9, "peak_gflops": peak,
-            "mfu": flops / seconds / 1e9 / peak, "active_params": active, "tokens": tokens}
+            "mfu": flops / seconds / 1e9 / peak, "active_params": count_parameters(model)["active_params"],
+            "tokens": batch * seq_len}
 
 
 def main() -> None:

@@ -208,23 +208,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fault.enabled and rank == fault.rank and step == fault.step and not storage.exists(run.child(FAULT_MARK)):
             _inject_fault(fault.kind, run.child(FAULT_MARK), rank, step)
         batch = next(batches)
+        losses, counts_LE, seen = train_step(engine, objective, batch, micro, job.accumulation_steps)
+        tokens += seen
         # loss, balance loss, z-loss (averaged over micro-batches), then the preemption flags (summed over ranks)
-        parts = torch.cat([torch.zeros(3, dtype=torch.float64), watch.flags()])
-        counts_LE: torch.Tensor | None = None
-        for lo in range(0, len(batch["input_ids"]), micro):
-            part = slice(lo, lo + micro)
-            prompt_len = batch.get("prompt_len")
-            out = objective(engine, torch.from_numpy(batch["input_ids"][part]),
-                            torch.from_numpy(batch["sample_index"][part]), batch["epoch"],
-                            prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
-            engine.backward(out.loss)
-            engine.step()
-            parts[:3] += torch.tensor([float(out.loss.detach()), float(out.balance_loss), float(out.z_loss)],
-                                      dtype=torch.float64) / job.accumulation_steps
-            if out.router_stats:
-                counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
-                counts_LE = counts if counts_LE is None else counts_LE + counts
-            tokens += out.seq_len * micro
+        parts = torch.cat([losses, watch.flags().to(losses.device)])
         if balancer is not None and counts_LE is not None:
             balancer.update(counts_LE)  # this rank's counts: the balancer sums them over the ranks itself
         if dist.is_initialized() and world > 1:
@@ -298,6 +285,32 @@ def _export(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.T
         for path in sorted(folder.iterdir()):
             storage.write_bytes(target.child(path.name), path.read_bytes())
     return target.uri
+
+
+def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
+               accumulation_steps: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """One optimizer step on this rank's share of a global batch, in micro-batches of ``micro`` (the engine steps
+    the optimizer at the accumulation boundary). Returns the loss, balance loss and z-loss averaged over the
+    micro-batches, the layer × expert token counts (``None`` for a model without MoE layers), both on the engine's
+    device, and the number of tokens trained on."""
+    device = engine.device
+    losses = torch.zeros(3, dtype=torch.float64, device=device)
+    counts_LE: torch.Tensor | None = None
+    tokens = 0
+    prompt_len = batch.get("prompt_len")
+    for lo in range(0, len(batch["input_ids"]), micro):
+        part = slice(lo, lo + micro)
+        out = objective(engine, torch.from_numpy(batch["input_ids"][part]).to(device),
+                        torch.from_numpy(batch["sample_index"][part]), batch["epoch"],
+                        prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+        engine.backward(out.loss)
+        engine.step()
+        losses += torch.stack([out.loss.detach(), out.balance_loss, out.z_loss]).to(torch.float64) / accumulation_steps
+        if out.router_stats:
+            counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
+            counts_LE = counts if counts_LE is None else counts_LE + counts
+        tokens += out.seq_len * micro
+    return losses, counts_LE, tokens
 
 
 def _inject_fault(kind: str, mark: Any, rank: int, step: int) -> None:
