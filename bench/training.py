@@ -4,18 +4,19 @@ a ``tiny`` step against the measured fp32 matmul peak.
 
 What is measured (fp32, CPU):
 1. The model and data of ``--job`` (default ``jobs/tiny.yaml``: 64 experts top-8) at ``--seq-len`` and global batch
-   ``--batch`` on the default corpus tokenized byte-level, ``--steps`` optimizer steps, tokens/s over the steps
-   after the first:
+   ``--batch`` on the default corpus tokenized byte-level, ``--steps`` optimizer steps:
    *plain*: one process, ``build_model`` + ``MaskedDiffusionObjective`` + ``torch.optim.AdamW`` + the WSD schedule
-   + clipping, batches from ``TokenStream`` read in advance (so data loading is not timed);
+   + clipping, batches from ``TokenStream`` read in advance (so data loading is not timed); tokens/s over the second
+   half of the steps, the window the workers report as their steady state;
    *full stack*: ``run_training`` (a local Ray with 2 CPUs, ``parallel.num_workers`` 1 then 2 with ``ep_size`` 2,
-   ZeRO-1, no mid-run checkpoints, no tracking, no export) — the workers' own steady-state tokens/s.
+   ZeRO-1, no mid-run checkpoints, no tracking, no export) — the workers' own steady-state tokens/s (the second
+   half of the steps: the first ones share the cores with Ray's own actors starting up).
 2. MFU: one ``tiny`` training step (forward, loss, backward, AdamW) at batch 4 × 512, median of ``--iters`` after
    a warm-up; model FLOPs = 6 · active non-embedding parameters · tokens + attention (12 · layers · seq_len ·
    hidden · tokens); divided by the median fp32 ``torch.mm`` 2048³ rate measured in the same process.
 
 Run (from the repository root):
-    .venv/bin/python bench/training.py        # defaults: --job jobs/tiny.yaml --steps 20 --seq-len 256 --batch 8
+    .venv/bin/python bench/training.py        # defaults: --job jobs/tiny.yaml --steps 40 --seq-len 256 --batch 8
     .venv/bin/python bench/training.py --json /tmp/training.json
 """
 
@@ -55,6 +56,7 @@ def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
     objective = MaskedDiffusionObjective(objective_settings(job))  # exactly the workers' objective
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
     tokens, first = 0, 0.0
+    measure_from = max(1, steps // 2)  # the workers' steady state: the second half of the steps
     for step, batch in enumerate(batches):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base_lr=t.lr, total_steps=steps, warmup_steps=t.warmup_steps,
@@ -65,9 +67,9 @@ def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
-        if step == 0:
+        if step + 1 == measure_from:
             first = time.perf_counter()
-        else:
+        elif step + 1 > measure_from:
             tokens += out.seq_len * len(batch["input_ids"])
     return tokens / (time.perf_counter() - first)
 
@@ -99,7 +101,7 @@ def tiny_mfu(iters: int, batch: int = 4, seq_len: int = 512) -> dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default="jobs/tiny.yaml", help="the job whose model and data are trained")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch per worker share)")
     parser.add_argument("--iters", type=int, default=3)

@@ -149,6 +149,18 @@ def _data_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dlmoe.export.checkpoint import export_checkpoint
+
+    result = export_checkpoint(args.source, args.out, dtype=args.dtype, endpoint_url=args.endpoint_url)
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+    else:
+        print(f"exported step {result.step} of {result.checkpoint}\n  to {result.uri}: {result.tensors} tensors, "
+              f"{result.bytes / 2**20:.1f} MiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmoe", description="Train LLaDA-MoE masked-diffusion models.")
     parser.add_argument("--version", action="version", version=f"dlmoe {__version__}")
@@ -184,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print a JSON report")
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(func=_generate)
+
+    exp = sub.add_parser("export", help="a training checkpoint (any expert-parallel size) → a Hugging Face folder")
+    exp.add_argument("source", help="a checkpoint folder, or a run folder {checkpoint.storage}/{run_name} (its newest "
+                                    "checkpoint that verifies); local or s3://")
+    exp.add_argument("--out", required=True, metavar="URI", help="the model folder to write, local or s3://")
+    exp.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="weight dtype (default: as trained)")
+    exp.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    exp.add_argument("--json", action="store_true", help="print a JSON report")
+    exp.set_defaults(func=_export)
 
     tok = sub.add_parser("tokenize", help="tokenize a corpus into parquet shards + manifest.json (a Ray Data job)")
     tok.add_argument("--input", nargs="+", action="extend", metavar="URI",

@@ -21,6 +21,8 @@ from dlmoe.export import (
     read_dlmoe_facts,
     save_pretrained,
     to_hf,
+    verify_folder,
+    write_folder,
 )
 from dlmoe.model import DiffusionMoE, build_model, get_flavor
 
@@ -224,3 +226,32 @@ def test_to_hf_names_every_global_expert_once() -> None:
         assert torch.equal(hf[f"model.layers.0.mlp.experts.{j}.gate_proj.weight"], fused[j, :32])
         assert torch.equal(hf[f"model.layers.0.mlp.experts.{j}.up_proj.weight"], fused[j, 32:])
     assert not any("selection_bias" in k or "gate_up" in k for k in hf)
+
+
+def test_a_failure_mid_export_publishes_nothing(tmp_path: Path) -> None:
+    model = make_model()
+    tensors = to_hf(model.state_dict(), model.config)
+    written: list[str] = []
+
+    def failing_source(names: list[str]) -> dict[str, torch.Tensor]:
+        if written:
+            raise OSError("No space left on device (injected)")
+        written.extend(names)
+        return {name: tensors[name] for name in names}
+
+    with pytest.raises(OSError, match="injected"):
+        write_folder(tmp_path / "out", model.config, failing_source, dtype=torch.float32, facts={},
+                     max_shard_bytes=64 * 1024)
+    assert written and not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no staging folder left behind either
+
+
+def test_verify_folder_catches_a_shard_that_lost_a_tensor(tmp_path: Path) -> None:
+    model = make_model()
+    folder = save_pretrained(model, tmp_path / "m", max_shard_bytes=64 * 1024)
+    first = sorted(folder.glob("*.safetensors"))[0]
+    kept = load_file(first)
+    dropped = sorted(kept)[0]
+    save_file({k: v for k, v in kept.items() if k != dropped}, str(first))
+    with pytest.raises(ExportError, match=rf"{first.name} holds \['{dropped}'\] other than the index says"):
+        verify_folder(folder, model.config)

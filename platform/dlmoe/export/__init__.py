@@ -1,7 +1,10 @@
 """Export: the official LLaDA-MoE Hugging Face format.
 
 Lives here: the state-dict adapters ``to_hf`` / ``from_hf`` and the model folder writer and reader
-``save_pretrained`` / ``load_pretrained`` (hf.py). May import torch, safetensors and ``dlmoe.model``.
+``save_pretrained`` / ``write_folder`` / ``load_pretrained`` (hf.py); the checkpoint exporter, which stitches a
+training checkpoint of any expert-parallel size into such a folder (checkpoint.py). May import torch,
+safetensors, ``dlmoe.model`` and, for the exporter, ``data_pipeline`` (storage, tokenizers) and the checkpoint
+layout of ``dlmoe.train``.
 """
 
 from dlmoe.export.hf import (
@@ -15,6 +18,8 @@ from dlmoe.export.hf import (
     read_dlmoe_facts,
     save_pretrained,
     to_hf,
+    verify_folder,
+    write_folder,
 )
 
 __all__ = [
@@ -28,4 +33,6 @@ __all__ = [
     "read_dlmoe_facts",
     "save_pretrained",
     "to_hf",
+    "verify_folder",
+    "write_folder",
 ]

@@ -176,7 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
                              "checkpoints": [], "interruptions": [], "shape": checkpoint_shape(job),
-                             "config_hash": job.config_hash()}
+                             "config_hash": job.config_hash(), "run_name": job.run_name,
+                             "flavor": job.model.flavor}
     run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
     resumed = _resume(engine, run)
     if resumed is not None:
@@ -201,7 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     batches = iter(stream)
     progress = _progress(rank, steps, state["step"], job.run_name) if config.get("progress", True) else None
     started, tokens = time.perf_counter(), 0
-    state_start = state["step"]
+    # Steady-state throughput: over the second half of this launch's steps. The first ones pay for allocation and
+    # warm-up, and for Ray's own actors (controller, watchers) still starting on the same cores.
+    measure_from = state["step"] + max(1, (steps - state["step"]) // 2)
     warm_time, warm_tokens = started, 0
     for step in range(state["step"], steps):
         fault = job.fault_injection
@@ -222,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         event = watch.event(parts[3:])
         loss = float(parts[0])
         rate = tokens * world / (time.perf_counter() - started)
-        if step == state_start:  # steady-state throughput leaves the first step (allocation, warm-up) out
+        if step + 1 == measure_from:
             warm_time, warm_tokens = time.perf_counter(), tokens
         if (step + 1) % job.train.log_every == 0 or step + 1 == steps:
             grad_norm = engine.get_global_grad_norm()

@@ -1,0 +1,220 @@
+"""A training checkpoint → the release's Hugging Face folder, for any expert-parallel size and ZeRO stage 0–2.
+
+A checkpoint, as the workers write it (train/worker.py), holds ``dlmoe_state.json`` (step, the run, and the model
+config it was made with), every rank's sha256 list of its files, and DeepSpeed's files under the tag folder
+``dlmoe/``. Two kinds of DeepSpeed file carry the weights; the optimizer files are not needed:
+
+- ``mp_rank_00_model_states.pt``: its ``module`` is every parameter that is not an expert of an expert-parallel
+  layer, whole (under ZeRO 0–2 each rank's copy is the full one). With ``ep_size`` 1 that includes the fused
+  experts; under AutoEP a layer's router is ``mlp.layer.router.gate.weight``.
+- ``layer_{k}_expert_{e}_mp_rank_00_model_states.pt`` (expert parallelism): expert ``e`` (global index) of the k-th
+  MoE layer as AutoEP's ``model.layers.{i}.mlp.layer.experts.w1.{e}`` (gate, [I, D]), ``w3.{e}`` (up) and
+  ``w2.{e}`` (down, [D, I]) — whichever rank held it. DeepSpeed's ``zero_to_fp32`` leaves these files out.
+
+Given a run, the exporter takes its newest checkpoint whose model files verify (a broken one is passed over with a
+warning). It checks the files it reads against the checksum lists, then writes the folder shard by shard: an
+expert file is read when its shard is written, so memory holds the non-expert weights and one shard. A local
+folder is staged and moved into place; an ``s3://`` folder is staged locally and uploaded with ``config.json`` last
+(removed first when a previous export is overwritten), so a folder without ``config.json`` is never a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dlmoe.errors import ExportError
+from dlmoe.export.hf import CONFIG_FILE, hf_tensor_shapes, to_hf, write_folder
+from dlmoe.model import ModelConfig
+
+STATE_FILE = "dlmoe_state.json"
+CHECKSUMS = "checksums.json.rank"
+TAG = "dlmoe"
+MODEL_STATES = f"{TAG}/mp_rank_00_model_states.pt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExportResult:
+    uri: str
+    checkpoint: str
+    step: int
+    tensors: int
+    bytes: int
+
+
+def checkpoint_candidates(source: str, endpoint_url: str | None = None) -> tuple[list[Any], bool]:
+    """The checkpoints ``source`` names, newest first, and whether it named a run: a checkpoint folder (it has
+    ``dlmoe_state.json``) names itself; a run folder (``{checkpoint.storage}/{run_name}``) names its checkpoints."""
+    from data_pipeline import storage
+    from dlmoe.train.worker import run_checkpoint_states
+
+    where = storage.resolve(source, endpoint_url=endpoint_url)
+    if storage.exists(where.child(STATE_FILE)):
+        return [where], False
+    if not storage.exists(where):
+        raise ExportError(f"{source} does not exist")
+    candidates = [storage.resolve(f"s3://{folder}" if where.is_s3 else folder, endpoint_url=endpoint_url)
+                  for _, folder, _ in run_checkpoint_states(where)]
+    if not candidates:
+        raise ExportError(f"{source} is neither a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints")
+    return candidates, True
+
+
+def _expected_files(state: dict[str, Any], config: ModelConfig) -> list[str]:
+    files = [MODEL_STATES]
+    if int(state["shape"]["parallel.ep_size"]) > 1:
+        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        files += [f"{TAG}/layer_{k}_expert_{e}_mp_rank_00_model_states.pt"
+                  for k in range(len(moe_layers)) for e in range(config.num_experts)]
+    return files
+
+
+def _state_and_config(state_bytes: bytes, where: str) -> tuple[dict[str, Any], ModelConfig]:
+    try:
+        state = json.loads(state_bytes)
+        shape = state["shape"]
+        config = ModelConfig(**shape["model"], mask_token_id=shape["mask_token_id"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{where}/{STATE_FILE} does not describe a dlmoe checkpoint: {exc}") from exc
+    return state, config
+
+
+def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelConfig]:
+    """The checkpoint's model files, checked against its checksum lists, in a local folder (``local`` for S3; the
+    checkpoint itself when it is local)."""
+    from data_pipeline import storage
+
+    state, config = _state_and_config(storage.read_bytes(checkpoint.child(STATE_FILE)), checkpoint.uri)
+    sums: dict[str, str] = {}
+    present = set()
+    for path, _ in storage.list_files(checkpoint, ()):
+        name = path.path[len(checkpoint.path.rstrip("/")) + 1:]
+        present.add(name)
+        if name.startswith(CHECKSUMS):
+            sums.update(json.loads(storage.read_bytes(path)))
+    folder = local if checkpoint.is_s3 else Path(checkpoint.path)
+    needed = _expected_files(state, config)
+    missing = [name for name in needed if name not in present or name not in sums]
+    if missing:
+        raise ExportError(f"checkpoint {checkpoint.uri} lacks {len(missing)} model file(s) (absent, or in no "
+                          f"checksum list): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    for name in needed:
+        if checkpoint.is_s3:
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(storage.read_bytes(checkpoint.child(name)))
+        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        if digest != sums[name]:
+            raise ExportError(f"checkpoint {checkpoint.uri}: {name} does not match its checksum (corrupt or changed)")
+    return folder, state, config
+
+
+EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+AUTOEP_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+class _Tensors:
+    """Release-keyed tensors of one checkpoint, read as shards ask for them."""
+
+
+    def __init__(self, folder: Path, config: ModelConfig, expert_parallel: bool) -> None:
+        self.folder, self.config, self.expert_parallel = folder, config, expert_parallel
+        module = _load(folder / MODEL_STATES)["module"]
+        module = {k.replace(".mlp.layer.router.gate.", ".mlp.gate."): v for k, v in module.items()}
+        if expert_parallel:
+            self.plain = module
+        else:
+            self.plain = to_hf(module, config)
+        self.moe_index = {i: k for k, i in enumerate(i for i in range(config.num_hidden_layers)
+                                                      if config.is_moe_layer(i))}
+        self.cached: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self.dtype = next(iter(module.values())).dtype
+
+    def __call__(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            match = EXPERT_KEY.fullmatch(name) if self.expert_parallel else None
+            if match is None:
+                if name not in self.plain:
+                    raise ExportError(f"{self.folder / MODEL_STATES} has no tensor for {name}")
+                out[name] = self.plain[name]
+                continue
+            layer, expert, kind = int(match[1]), int(match[2]), match[3]
+            path = self.folder / f"{TAG}/layer_{self.moe_index[layer]}_expert_{expert}_mp_rank_00_model_states.pt"
+            if self.cached is None or self.cached[0] != path:
+                self.cached = (path, _load(path))
+            key = f"model.layers.{layer}.mlp.layer.experts.{AUTOEP_NAMES[kind]}.{expert}"
+            if key not in self.cached[1]:
+                raise ExportError(f"{path} has no tensor {key}")
+            out[name] = self.cached[1][key]
+        return out
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ExportError(f"cannot read {path}: {exc}") from exc
+    return loaded
+
+
+def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
+                      endpoint_url: str | None = None) -> ExportResult:
+    """Export the checkpoint ``source`` names (see ``checkpoint_candidates``) to the folder ``out`` (local or s3://)."""
+    from data_pipeline import storage
+    from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    candidates, is_run = checkpoint_candidates(source, endpoint_url)
+    target = storage.resolve(out, endpoint_url=endpoint_url)
+    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
+        # A run's newest checkpoint whose model files verify; a named checkpoint must verify itself.
+        for number, checkpoint in enumerate(candidates):
+            try:
+                folder, state, config = _fetch(checkpoint, Path(tmp) / f"checkpoint-{number}")
+                break
+            except ExportError as exc:
+                if not is_run:
+                    raise
+                warnings.warn(f"passing over a checkpoint that does not verify: {exc}", stacklevel=2)
+        else:
+            raise ExportError(f"no checkpoint of {source} verifies")
+        tensors = _Tensors(folder, config, int(state["shape"]["parallel.ep_size"]) > 1)
+        tokenizer_name = state["shape"].get("data.tokenizer", "byte")
+        tokenizer = byte_tokenizer() if tokenizer_name == "byte" else None
+        if tokenizer is None and Path(tokenizer_name).exists():
+            tokenizer = load_tokenizer(tokenizer_name, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                                       mask_id=config.mask_token_id)
+        elif tokenizer is None:
+            warnings.warn(f"the run's tokenizer {tokenizer_name} is not reachable here; exporting without tokenizer "
+                          f"files", stacklevel=2)
+        written = write_folder(Path(target.path) if not target.is_s3 else Path(tmp) / "hf", config, tensors,
+                               dtype=DTYPES[dtype] if dtype else tensors.dtype, tokenizer=tokenizer,
+                               facts={"flavor": state.get("flavor"), "step": state.get("step"),
+                                      "source_run": state.get("run_name"), "source_checkpoint": checkpoint.uri})
+        if target.is_s3:
+            _upload(written, target)
+    shapes = hf_tensor_shapes(config)
+    size = torch.empty((), dtype=DTYPES[dtype] if dtype else tensors.dtype).element_size()
+    return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(state.get("step", 0)),
+                        tensors=len(shapes), bytes=size * sum(int(torch.Size(s).numel()) for s in shapes.values()))
+
+
+def _upload(folder: Path, target: Any) -> None:
+    from data_pipeline import storage
+
+    done = target.child(CONFIG_FILE)
+    if storage.exists(done):
+        storage.delete(done)
+    files = sorted(p for p in folder.iterdir() if p.name != CONFIG_FILE)
+    for path in [*files, folder / CONFIG_FILE]:
+        storage.write_bytes(target.child(path.name), path.read_bytes())
