@@ -4,13 +4,14 @@ CPU contention from other processes, and RSS / allocator controls for peak-memor
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -104,3 +105,21 @@ def train_step_flops(model: Any, batch: int, seq_len: int) -> float:
     tokens = batch * seq_len
     active = count_parameters(model)["active_params"]
     return float(6 * active * tokens + 12 * config.num_hidden_layers * seq_len * config.hidden_size * tokens)
+
+
+@contextlib.contextmanager
+def one_rank_group(backend: str) -> Iterator[None]:
+    """A torch.distributed group of this process alone, set up as a launcher would (DeepSpeed reads RANK,
+    LOCAL_RANK and WORLD_SIZE), for running the training stack's engine outside Ray."""
+    import torch.distributed as dist
+
+    from data_pipeline.local_s3 import free_port
+
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ[key] = value
+    dist.init_process_group(backend, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

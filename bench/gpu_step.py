@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,10 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from benchutil import matmul_peak_gflops, synchronize, train_step_flops
+from benchutil import matmul_peak_gflops, one_rank_group, synchronize, train_step_flops
 
-from data_pipeline.local_s3 import free_port
 from dlmoe.config import load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective
 from dlmoe.model import build_model, count_parameters
@@ -129,12 +126,6 @@ def main() -> None:
     if args.smoke:
         args.seq_len, args.batch, args.warmup, args.iters = 64, 2, 1, 2
     device = "cuda" if gpu else "cpu"
-    # A one-process group, as a launcher would set it up (DeepSpeed reads RANK, LOCAL_RANK and WORLD_SIZE).
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                       ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    dist.init_process_group("nccl" if gpu else "gloo", rank=0, world_size=1)
-
     job = load_job_config(None, job_overrides(args, gpu))
     config = job.model.to_model_config()
     counts = count_parameters(build_model(config, device="meta"))
@@ -144,14 +135,14 @@ def main() -> None:
     results: dict[str, Any] = {"card": card, "torch": torch.__version__, "layers": config.num_hidden_layers,
                                "experts": config.num_experts, "seq_len": args.seq_len, "batch": args.batch,
                                **counts, "step_flops": flops}
-    for name, loop in (("stack", stack_loop), ("plain", plain_loop)):
-        seconds = statistics.median(loop(job, data, args.warmup, device))
-        results[name] = {"step_s": seconds, "tflops": flops / seconds / 1e12}
-        if gpu:
-            torch.cuda.empty_cache()
-            results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
-    dist.destroy_process_group()
+    with one_rank_group("nccl" if gpu else "gloo"):
+        for name, loop in (("stack", stack_loop), ("plain", plain_loop)):
+            seconds = statistics.median(loop(job, data, args.warmup, device))
+            results[name] = {"step_s": seconds, "tflops": flops / seconds / 1e12}
+            if gpu:
+                torch.cuda.empty_cache()
+                results[name]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
 
     measured = matmul_peak_gflops(16384, device=device, dtype=torch.bfloat16) / 1e3 if gpu else None
     nominal = nominal_peak(card) if gpu else None

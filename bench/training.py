@@ -8,6 +8,8 @@ What is measured (fp32, CPU):
    *plain*: one process, ``build_model`` + ``MaskedDiffusionObjective`` + ``torch.optim.AdamW`` + the WSD schedule
    + clipping, batches from ``TokenStream`` read in advance (so data loading is not timed); tokens/s over the second
    half of the steps, the window the workers report as their steady state;
+   *engine*: the workers' own step (``parallelize`` + ``train_step``, a DeepSpeed engine in a one-rank gloo group)
+   in this process without Ray, on batches read in advance and then streamed live by ``TokenStream``;
    *full stack*: ``run_training`` (a local Ray with 2 CPUs, ``parallel.num_workers`` 1 then 2 with ``ep_size`` 2,
    ZeRO-1, no mid-run checkpoints, no tracking, no export) — the workers' own steady-state tokens/s (the second
    half of the steps: the first ones share the cores with Ray's own actors starting up).
@@ -31,15 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import CpuContention, matmul_peak_gflops, train_step_flops
+from benchutil import CpuContention, matmul_peak_gflops, one_rank_group, train_step_flops
 
 from data_pipeline.stream import TokenStream
 from dlmoe.config import load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.model import build_model, count_parameters, get_flavor
+from dlmoe.parallel import parallelize
 from dlmoe.train.driver import prepare_dataset, run_training
 from dlmoe.train.schedule import lr_at
-from dlmoe.train.worker import objective_settings
+from dlmoe.train.worker import objective_settings, train_step
 
 
 def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
@@ -71,6 +74,28 @@ def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:
             first = time.perf_counter()
         elif step + 1 > measure_from:
             tokens += out.seq_len * len(batch["input_ids"])
+    return tokens / (time.perf_counter() - first)
+
+
+def engine_loop(job_file: str, overrides: list[str], steps: int, *, live: bool) -> float:
+    """Tokens/s of the workers' own step (``parallelize`` + ``train_step``) in this process, without Ray: batches
+    read in advance, or (``live``) streamed by ``TokenStream`` as a worker reads them."""
+    job = load_job_config(job_file, [*overrides, "parallel.num_workers=1", "parallel.ep_size=1"])
+    stream = TokenStream(prepare_dataset(job, progress=False), global_batch_size=job.data.global_batch_size,
+                         seed=job.data.seed, max_batches=steps)
+    batches = iter(stream) if live else iter(list(stream))
+    with one_rank_group("gloo"):
+        engine = parallelize(build_model(job.model.to_model_config(), seed=job.train.seed), job)
+        objective = MaskedDiffusionObjective(objective_settings(job))
+        tokens, first = 0, 0.0
+        measure_from = max(1, steps // 2)
+        for step in range(steps):
+            _, _, seen = train_step(engine, objective, next(batches), job.micro_batch_per_worker,
+                                    job.accumulation_steps)
+            if step + 1 == measure_from:
+                first = time.perf_counter()
+            elif step + 1 > measure_from:
+                tokens += seen
     return tokens / (time.perf_counter() - first)
 
 
@@ -115,6 +140,9 @@ def main() -> None:
     torch.set_num_threads(2)
     contention = CpuContention()
     results: dict[str, Any] = {"plain_tokens_per_s": plain_loop(args.job, common, args.steps)}
+    for live in (False, True):
+        results[f"engine_{'live' if live else 'preread'}_tokens_per_s"] = engine_loop(args.job, common, args.steps,
+                                                                                      live=live)
     for workers in (1, 2):
         job = load_job_config(args.job, [*common, f"run_name=bench-w{workers}", f"parallel.num_workers={workers}",
                                          f"parallel.ep_size={workers}"])
@@ -130,6 +158,10 @@ def main() -> None:
     print("| run | tokens/s | ratio |")
     print("|---|---:|---:|")
     print(f"| plain PyTorch loop, one process | {plain:,.0f} | 1.00 |")
+    for key, label in (("engine_preread", "DeepSpeed engine + `train_step`, one process, batches read in advance"),
+                       ("engine_live", "the same, batches streamed by `TokenStream`")):
+        rate = results[f"{key}_tokens_per_s"]
+        print(f"| {label} | {rate:,.0f} | {rate / plain:.2f} |")
     print(f"| Ray Train + DeepSpeed, 1 worker | {one:,.0f} | {one / plain:.2f} |")
     print(f"| Ray Train + DeepSpeed, 2 workers, EP 2 | {two:,.0f} | {two / plain:.2f} (× 1 worker: {two / one:.2f}) |")
     print(f"\ntiny step (batch {tiny['tokens'] // 512} x 512): {tiny['step_s'] * 1e3:.0f} ms, {tiny['gflops']:.1f} "

@@ -28,9 +28,11 @@ OVERRIDE_SOURCE = "command-line override"
 
 @dataclass
 class ModelSection(ModelConfig):
-    """The model section: a named flavor plus any config.json field to override on top of it."""
+    """The model section: a named flavor plus any config.json field to override on top of it, and optionally a
+    release-format folder (local or s3://) whose weights training starts from."""
 
     flavor: str = "debug"
+    init_from: str = ""
 
     def to_model_config(self) -> ModelConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)}
@@ -124,8 +126,17 @@ class CheckpointConfig:
 
 @dataclass
 class ExportConfig:
+    """Hugging Face exports of a run: the final model at ``uri`` (``at_end``), and every ``every_n_checkpoints``-th
+    checkpoint at ``{uri}-step-{N:08d}`` as a Ray task beside training. ``uri`` defaults to
+    ``{checkpoint.storage}/{run_name}/hf``; ``register`` names an MLflow registered model that gets each export as a
+    version (alias ``latest``); ``dtype`` is ``bf16``, ``fp32`` or empty (as trained)."""
+
     enabled: bool = True
-    output: str = ""
+    at_end: bool = True
+    every_n_checkpoints: int = 0
+    uri: str = ""
+    register: str = ""
+    dtype: str = ""
 
 
 @dataclass
@@ -194,6 +205,13 @@ class JobConfig:
         choice("train.schedule", t.schedule, ("constant", "cosine", "wsd"))
         choice("train.precision", t.precision, ("fp32", "bf16"))
         choice("fault_injection.kind", self.fault_injection.kind, ("kill", "sigterm"))
+        if self.export.dtype not in ("", "bf16", "fp32"):
+            fail("export.dtype", f"must be bf16, fp32 or empty (as trained); got '{self.export.dtype}'")
+        if self.export.every_n_checkpoints < 0:
+            fail("export.every_n_checkpoints", f"must be non-negative (0: no exports of checkpoints), got "
+                                               f"{self.export.every_n_checkpoints}")
+        if self.export.register and not self.tracking.enabled:
+            fail("export.register", "registering exports in MLflow needs tracking.enabled=true")
         if not 0.0 <= o.eps < 1.0:
             fail("objective.eps", f"must lie in [0, 1), got {o.eps}")
         if not 0.0 <= o.variable_length_prob <= 1.0:

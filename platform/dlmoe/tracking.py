@@ -120,6 +120,26 @@ class MlflowTracker(Tracker):
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
+def register_model_version(uri: str, name: str, source: str, tags: dict[str, str], run_id: str | None = None) -> str:
+    """Register the model folder at ``source`` as a new version of MLflow registered model ``name`` (created when
+    missing), tagged, and point the alias ``latest`` at it; returns the version.
+
+    An MLflow server only accepts a local-path source inside the artifact folder of the version's run, so exports
+    meant for a server's registry belong in ``s3://`` (a local tracking store takes any path)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        client.create_registered_model(name, description="LLaDA-MoE models exported by dlmoe")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, "latest", version.version)
+    return str(version.version)
+
+
 def make_tracker(job: JobConfig, rank: int, run_id: str | None) -> Tracker:
     """MLflow on rank 0 when tracking is on and a run was opened; the no-op tracker otherwise."""
     if rank != 0 or not job.tracking.enabled or run_id is None:

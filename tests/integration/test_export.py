@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from data_pipeline import storage
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
-from dlmoe.errors import ExportError
+from dlmoe.errors import ConfigError, ExportError
 from dlmoe.export import load_pretrained
 from dlmoe.export.checkpoint import export_checkpoint
+from dlmoe.export.remote import local_folder
 from dlmoe.train.driver import run_training
 from dlmoe.train.worker import run_checkpoint_states
 
@@ -107,3 +109,78 @@ def test_a_source_that_is_no_checkpoint(tmp_path: Path, capsys: pytest.CaptureFi
     assert "is neither a checkpoint (no dlmoe_state.json) nor a run folder" in capsys.readouterr().err
     with pytest.raises(ExportError, match="does not exist"):
         export_checkpoint(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+
+
+def test_checkpoints_are_exported_beside_training_and_registered(mlflow_server: str, bucket: str,
+                                                                 tmp_path: Path) -> None:
+    models = f"s3://{bucket}/models/auto"
+    job = load_job_config(None, [*JOB, "train.steps=6", f"checkpoint.storage={tmp_path}", "run_name=auto",
+                                 "parallel.num_workers=2", "parallel.ep_size=2", "export.every_n_checkpoints=1",
+                                 f"export.uri={models}", "export.register=dlmoe-auto", "tracking.enabled=true",
+                                 f"tracking.uri={mlflow_server}", "tracking.experiment=exports"])
+    result = run_training(job, progress=False)
+    assert result.export == models
+    for step in (2, 4):  # the periodic checkpoints (the one of step 6 is the final model's)
+        with local_folder(f"{models}-step-{step:08d}") as folder:
+            assert json.loads((folder / "dlmoe.json").read_text())["step"] == step
+            assert load_pretrained(folder).config.num_experts == 8
+    with local_folder(models) as folder:
+        assert json.loads((folder / "dlmoe.json").read_text())["step"] == 6
+
+    client = MlflowClient(mlflow_server)
+    versions = sorted(client.search_model_versions("name = 'dlmoe-auto'"), key=lambda v: int(v.version))
+    # The two checkpoint exports ran beside training in either order; the final model came last.
+    assert {v.source: v.tags["dlmoe.step"] for v in versions} == {
+        f"{models}-step-00000002": "2", f"{models}-step-00000004": "4", models: "6"}
+    assert versions[-1].source == models
+    assert {v.tags["dlmoe.run_name"] for v in versions} == {"auto"}
+    assert client.get_model_version_by_alias("dlmoe-auto", "latest").version == versions[-1].version
+    exported = client.get_metric_history(result.mlflow_run_id, "export_step")
+    assert sorted(m.step for m in exported) == [2, 4]
+
+
+def test_a_failing_export_never_stops_training(mlflow_server: str, tmp_path: Path) -> None:
+    job = load_job_config(None, [*JOB, f"checkpoint.storage={tmp_path}", "run_name=unexportable",
+                                 "export.every_n_checkpoints=1", "export.uri=s3://no-such-bucket-for-exports/m",
+                                 "tracking.enabled=true", f"tracking.uri={mlflow_server}",
+                                 "tracking.experiment=exports"])
+    result = run_training(job, progress=False)
+    assert result.final_step == 4 and result.export == ""
+    client = MlflowClient(mlflow_server)
+    failed = client.get_metric_history(result.mlflow_run_id, "export_failed_step")
+    assert sorted(m.step for m in failed) == [2, 4]  # the checkpoint of step 2, then the final model
+    reports = [a.path for a in client.list_artifacts(result.mlflow_run_id, "exports")]
+    assert reports == ["exports/failed-step-00000002.txt", "exports/failed-step-00000004.txt"]
+    text = Path(client.download_artifacts(result.mlflow_run_id, reports[0], str(tmp_path))).read_text()
+    assert "no-such-bucket-for-exports" in text
+
+
+def _start_from(folder: str, storage: Path, name: str, workers: int, *extra: str) -> Path:
+    # A learning rate of 1e-30 moves no fp32 weight: the checkpoints hold exactly the weights started from.
+    job = load_job_config(None, [*JOB, "train.lr=1e-30", f"model.init_from={folder}", f"checkpoint.storage={storage}",
+                                 f"run_name={name}", f"parallel.num_workers={workers}", f"parallel.ep_size={workers}",
+                                 "export.enabled=false", *extra])
+    run_training(job, progress=False)
+    return storage / name
+
+
+def test_import_then_export_is_identical_at_either_expert_parallel_size(runs: dict[int, Path], bucket: str,
+                                                                        tmp_path: Path) -> None:
+    source = runs[2] / "hf"
+    in_s3 = f"s3://{bucket}/models/start"
+    for path in sorted(source.iterdir()):
+        storage.write_bytes(storage.resolve(f"{in_s3}/{path.name}"), path.read_bytes())
+    started = _tensors(source)
+    for workers, folder in ((1, in_s3), (2, str(source))):
+        run = _start_from(folder, tmp_path, f"from-hf-ep{workers}", workers)
+        export_checkpoint(str(run), str(tmp_path / f"out-ep{workers}"))
+        exported = _tensors(tmp_path / f"out-ep{workers}")
+        assert exported.keys() == started.keys()
+        assert all(torch.equal(exported[k], started[k]) for k in started), f"ep_size {workers}"
+
+
+def test_init_from_another_model_is_refused_naming_the_fields(runs: dict[int, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"holds another model than the job's: hidden_size \(job 32, folder 64\)"):
+        _start_from(str(runs[1] / "hf"), tmp_path, "mismatch", 1, "model.hidden_size=32")
+    with pytest.raises(ConfigError, match=r"cannot start from .*nowhere: .*is not a model folder"):
+        _start_from(str(tmp_path / "nowhere"), tmp_path, "missing", 1)

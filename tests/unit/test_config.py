@@ -78,6 +78,10 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("model.mask_token_id=9999", "model.mask_token_id", "outside the vocabulary"),
         ("objective.balance.mode=aux_free", "objective.balance.mode", "export.enabled=false"),
         ("model.norm_topk_prob=true", "model.norm_topk_prob", "export.enabled=false"),
+        ("fault_injection.kind=sigkill", "fault_injection.kind", "must be one of kill, sigterm"),
+        ("checkpoint.sigterm_grace_s=0", "checkpoint.sigterm_grace_s", "must be positive"),
+        ("export.dtype=fp16", "export.dtype", "must be bf16, fp32 or empty"),
+        ("export.every_n_checkpoints=-1", "export.every_n_checkpoints", "must be non-negative"),
     ],
 )
 def test_bad_values_raise_config_error_naming_key(override: str, key: str, needle: str) -> None:
@@ -124,3 +128,9 @@ def test_release_incompatible_balancing_is_fine_without_export() -> None:
     job = load_job_config(None, ["objective.balance.mode=aux_free", "model.norm_topk_prob=true",
                                  "export.enabled=false"])
     assert job.objective.balance.mode == "aux_free" and job.model.norm_topk_prob
+
+
+def test_registering_exports_needs_tracking() -> None:
+    with pytest.raises(ConfigError, match=r"needs tracking\.enabled=true") as info:
+        load_job_config(None, ["export.register=m", "tracking.enabled=false"])
+    assert info.value.key == "export.register"

@@ -202,14 +202,16 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                                facts={"flavor": state.get("flavor"), "step": state.get("step"),
                                       "source_run": state.get("run_name"), "source_checkpoint": checkpoint.uri})
         if target.is_s3:
-            _upload(written, target)
+            publish(written, target)
     shapes = hf_tensor_shapes(config)
     size = torch.empty((), dtype=DTYPES[dtype] if dtype else tensors.dtype).element_size()
     return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(state.get("step", 0)),
                         tensors=len(shapes), bytes=size * sum(int(torch.Size(s).numel()) for s in shapes.values()))
 
 
-def _upload(folder: Path, target: Any) -> None:
+def publish(folder: Path, target: Any) -> None:
+    """Upload a finished local model folder to an ``s3://`` location, ``config.json`` last (and removed first when
+    a previous folder is there), so that a folder without ``config.json`` is never a finished one."""
     from data_pipeline import storage
 
     done = target.child(CONFIG_FILE)

@@ -426,8 +426,14 @@ def load_pretrained(model_dir: str | Path, *, device: str | torch.device = "cpu"
     """Load a release-format folder into a ``DiffusionMoE`` (weights keep their stored dtype unless ``dtype``)."""
     folder = Path(model_dir)
     config = load_config(folder, mask_token_id)
-    state = from_hf(_read_tensors(folder), config, where=str(folder))
-    return model_from_state(config, state, device=device, dtype=dtype, source=str(folder / CONFIG_FILE))
+    return model_from_state(config, read_state(folder, config), device=device, dtype=dtype,
+                            source=str(folder / CONFIG_FILE))
+
+
+def read_state(model_dir: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of a release-format folder as a dlmoe state dict for ``config`` (tensors checked against it)."""
+    folder = Path(model_dir)
+    return from_hf(_read_tensors(folder), config, where=str(folder))
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], *, device: str | torch.device = "cpu",

@@ -80,7 +80,7 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
     from dlmoe.config import job_from_dict
 
     absolute = job_from_dict(job.to_dict())
-    for section, key in (("checkpoint", "storage"), ("data", "uri")):
+    for section, key in (("checkpoint", "storage"), ("data", "uri"), ("model", "init_from")):
         value = getattr(getattr(absolute, section), key)
         if value and "://" not in value:
             setattr(getattr(absolute, section), key, storage.resolve(value).path)
@@ -88,6 +88,23 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
         absolute.data.tokenizer = str(Path(absolute.data.tokenizer).expanduser().resolve())
     absolute.tracking.uri = tracking_uri(job)
     return absolute
+
+
+def check_init_from(job: JobConfig) -> None:
+    """Refuse, before any worker starts, a ``model.init_from`` folder whose model is not the job's."""
+    from dlmoe.errors import ExportError
+    from dlmoe.export.remote import config_differences, folder_config
+
+    if not job.model.init_from:
+        return
+    try:
+        found = folder_config(job.model.init_from, job.data.endpoint_url or None)
+    except (ExportError, ConfigError) as exc:
+        raise ConfigError(f"cannot start from {job.model.init_from}: {exc}", key="model.init_from") from exc
+    differences = config_differences(job.model.to_model_config(), found)
+    if differences:
+        raise ConfigError(f"{job.model.init_from} holds another model than the job's: {'; '.join(differences)}",
+                          key="model.init_from")
 
 
 def check_resumable(job: JobConfig, run: Any) -> None:
@@ -145,6 +162,7 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
         raise ConfigError(f"{job.parallel.num_workers} GPU workers requested, the Ray cluster has {gpus:g} GPUs",
                           key="parallel.use_gpu")
     job = _with_absolute_paths(job)
+    check_init_from(job)
     dataset = prepare_dataset(job, progress=progress)
     where = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
     check_resumable(job, where.child(job.run_name))

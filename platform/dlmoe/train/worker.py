@@ -161,6 +161,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dlmoe.model.balance import AuxFreeBalancer, expert_load
     from dlmoe.parallel import full_state_dict, parallelize, params_sha256
     from dlmoe.tracking import make_tracker
+    from dlmoe.train.exports import CheckpointExports, export_final
     from dlmoe.train.preemption import PreemptionWatch
 
     job = job_from_dict(config["job"])
@@ -172,13 +173,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tokenizer = job_tokenizer(job, model_config)
     torch.manual_seed(job.train.seed)
     model = build_model(model_config, seed=job.train.seed)
+    run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
+    if job.model.init_from and not run_checkpoint_states(run):  # a run that has checkpoints resumes from them
+        _init_from(model, job.model.init_from, job.data.endpoint_url or None)
     engine = parallelize(model, job, use_gpu=config["use_gpu"])
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
                              "checkpoints": [], "interruptions": [], "shape": checkpoint_shape(job),
                              "config_hash": job.config_hash(), "run_name": job.run_name,
                              "flavor": job.model.flavor}
-    run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
     resumed = _resume(engine, run)
     if resumed is not None:
         changed = shape_changes(job, resumed)
@@ -199,6 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
     micro = job.micro_batch_per_worker
     watch = PreemptionWatch(rank)
+    exports = CheckpointExports(job, tracker, config.get("mlflow_run_id")) if rank == 0 and job.export.enabled \
+        else None
+    exports_of_checkpoints = job.export.enabled and job.export.every_n_checkpoints > 0
     batches = iter(stream)
     progress = _progress(rank, steps, state["step"], job.run_name) if config.get("progress", True) else None
     started, tokens = time.perf_counter(), 0
@@ -243,6 +249,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] = step + 1
         state["epoch"] = int(batch["epoch"])
         state["sample_in_epoch"] = (int(batch["sample_index"][0]) // gbs + 1) * gbs
+        if exports is not None:
+            exports.poll()
         if progress is not None:
             progress.update(1)
             progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f} {rate:.0f} tok/s")
@@ -252,6 +260,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["checkpoints"].append(step + 1)
             ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0]},
                              checkpoint=_save(engine, state, rank))
+            if exports_of_checkpoints and world > 1:
+                dist.barrier()  # every rank's files of the checkpoint are in storage before it is exported
+            if exports is not None:
+                exports.after_checkpoint(step + 1)
             if event == "sigterm":
                 raise WorkerPreempted(f"rank {rank} of run '{job.run_name}': a worker got SIGTERM; stopped after "
                                       f"saving the checkpoint of step {step + 1}")
@@ -265,29 +277,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                "interruptions": state.get("interruptions", []),
                                "params_sha256": params_sha256(full),
                                "tokens_per_s": (tokens - warm_tokens) * world / elapsed if elapsed > 0 else 0.0}
-    if rank == 0 and job.export.enabled:
-        metrics["export"] = _export(job, model_config, tokenizer, full, state["step"])
+    if exports is not None:
+        exports.poll(wait=True)
+        if job.export.at_end:
+            try:
+                metrics["export"] = export_final(job, model_config, tokenizer, full, state["step"],
+                                                 config.get("mlflow_run_id"))
+            except Exception as exc:  # reported by failed(): an export never fails the training it comes from
+                exports.failed(state["step"], exc)
     if not state["checkpoints"] or state["checkpoints"][-1] != state["step"]:
         state["checkpoints"].append(state["step"])
     metrics["checkpoints"] = list(state["checkpoints"])
     ray.train.report(metrics, checkpoint=_save(engine, state, rank))
     tracker.finish()
-
-
-def _export(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.Tensor], step: int) -> str:
-    """Write the final model as a Hugging Face folder to ``{checkpoint.storage}/{run_name}/hf``; return its URI."""
-    from data_pipeline import storage
-    from dlmoe.export import model_from_state, save_pretrained
-
-    model = model_from_state(model_config, {k: v.to("cpu") for k, v in full.items()})
-    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
-        folder = save_pretrained(model, Path(tmp) / "hf", tokenizer=tokenizer, flavor=job.model.flavor, step=step,
-                                 source_run=job.run_name)
-        target = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
-        target = target.child(job.run_name).child("hf")
-        for path in sorted(folder.iterdir()):
-            storage.write_bytes(target.child(path.name), path.read_bytes())
-    return target.uri
 
 
 def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
@@ -314,6 +316,18 @@ def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
             counts_LE = counts if counts_LE is None else counts_LE + counts
         tokens += out.seq_len * micro
     return losses, counts_LE, tokens
+
+
+def _init_from(model: Any, uri: str, endpoint_url: str | None) -> None:
+    """Load a release-format folder's weights into the freshly built (whole, not yet expert-parallel) model; the
+    parallelize step then gives each rank its experts, whatever the expert-parallel size."""
+    from dlmoe.export.hf import read_state
+    from dlmoe.export.remote import local_folder
+
+    with local_folder(uri, endpoint_url) as folder:
+        state = read_state(folder, model.config)
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
 
 
 def _inject_fault(kind: str, mark: Any, rank: int, step: int) -> None:
