@@ -129,7 +129,7 @@ class ExportConfig:
     """Hugging Face exports of a run: the final model at ``uri`` (``at_end``), and every ``every_n_checkpoints``-th
     checkpoint at ``{uri}-step-{N:08d}`` as a Ray task beside training. ``uri`` defaults to
     ``{checkpoint.storage}/{run_name}/hf``; ``register`` names an MLflow registered model that gets each export as a
-    version (alias ``latest``); ``dtype`` is ``bf16``, ``fp32`` or empty (as trained)."""
+    version (``models:/NAME/latest`` is the newest); ``dtype`` is ``bf16``, ``fp32`` or empty (as trained)."""
 
     enabled: bool = True
     at_end: bool = True

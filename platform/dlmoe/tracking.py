@@ -122,7 +122,8 @@ class MlflowTracker(Tracker):
 
 def register_model_version(uri: str, name: str, source: str, tags: dict[str, str], run_id: str | None = None) -> str:
     """Register the model folder at ``source`` as a new version of MLflow registered model ``name`` (created when
-    missing), tagged, and point the alias ``latest`` at it; returns the version.
+    missing), tagged; returns the version. No alias is set: MLflow reserves ``latest`` for its own meaning —
+    ``models:/NAME/latest`` resolves to the highest version, which is the newest export.
 
     An MLflow server only accepts a local-path source inside the artifact folder of the version's run, so exports
     meant for a server's registry belong in ``s3://`` (a local tracking store takes any path)."""
@@ -136,7 +137,6 @@ def register_model_version(uri: str, name: str, source: str, tags: dict[str, str
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, "latest", version.version)
     return str(version.version)
 
 

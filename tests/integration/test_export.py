@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
@@ -134,7 +135,7 @@ def test_checkpoints_are_exported_beside_training_and_registered(mlflow_server: 
         f"{models}-step-00000002": "2", f"{models}-step-00000004": "4", models: "6"}
     assert versions[-1].source == models
     assert {v.tags["dlmoe.run_name"] for v in versions} == {"auto"}
-    assert client.get_model_version_by_alias("dlmoe-auto", "latest").version == versions[-1].version
+    assert get_model_name_and_version(client, "models:/dlmoe-auto/latest") == ("dlmoe-auto", versions[-1].version)
     exported = client.get_metric_history(result.mlflow_run_id, "export_step")
     assert sorted(m.step for m in exported) == [2, 4]
 

@@ -4,7 +4,8 @@ Every ``export.every_n_checkpoints``-th checkpoint is exported by a Ray task (``
 every rank's files are in storage, to ``{export.uri}-step-{N:08d}``; the training steps do not wait for it. The
 task asks for no CPU of its own — a worker group may hold every CPU of the cluster — so it shares the node's cores.
 At the end rank 0 writes the final model, from the weights it gathered, to ``export.uri`` (``at_end``). With
-``export.register`` each export becomes a version of that MLflow registered model, alias ``latest``.
+``export.register`` each export becomes a version of that MLflow registered model; ``models:/NAME/latest`` (MLflow's
+reserved name for the highest version) is then the newest export.
 
 An export that fails never fails training: it is reported — a warning in the worker's log, the metric
 ``export_failed_step`` and the artifact ``exports/failed-step-N.txt`` in the MLflow run — and the next checkpoint is
