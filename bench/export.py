@@ -3,7 +3,9 @@ against reading and writing the same tensors with safetensors alone.
 
 What is measured (CPU):
 1. A ``tiny`` run (64 experts top-8, 4 layers, hidden 256) trained for ``--steps`` steps with 2 workers, EP 2, on a
-   local Ray; its final checkpoint holds DeepSpeed's non-expert file and 256 per-expert files.
+   local Ray; its final checkpoint holds DeepSpeed's non-expert file and 256 per-expert files. Under ZeRO-0
+   (``--zero-stage``, tiny.yaml's) the non-expert file also carries rank 0's optimizer state, which the exporter
+   must hash but never reads; from ZeRO-1 on that state lives in other files.
 2. *export*: ``export_checkpoint(run, out)`` — find the newest checkpoint, check each model file's sha256, read the
    non-expert and per-expert files, write the sharded safetensors folder, verify it, publish it.
 3. *safetensors alone*: ``load_file`` every shard of the exported folder and ``save_file`` it again elsewhere — the
@@ -60,6 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of the run (0: tiny.yaml's)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--measure", choices=("export", "safetensors"), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -76,7 +79,7 @@ def main() -> None:
     job = load_job_config("jobs/tiny.yaml", [
         f"train.steps={args.steps}", "train.warmup_steps=1", f"checkpoint.storage={work / 'runs'}", "run_name=tiny-ep2",
         "parallel.num_workers=2", "parallel.ep_size=2", "data.seq_len=128", "data.global_batch_size=4",
-        "data.micro_batch_size=2", "tracking.enabled=false"])
+        "data.micro_batch_size=2", "tracking.enabled=false", f"parallel.zero_stage={args.zero_stage}"])
     trained = run_training(job, progress=False)
     run, folder = work / "runs" / "tiny-ep2", Path(trained.export)
     results: dict[str, Any] = {"folder_bytes": sum(p.stat().st_size for p in folder.glob("*.safetensors"))}
@@ -85,8 +88,8 @@ def main() -> None:
         results[kind] = {"seconds": statistics.median(r["seconds"] for r in runs),
                          "maxrss_mib": statistics.median(r["maxrss_mib"] for r in runs)}
     export, plain = results["export"], results["safetensors"]
-    print(f"\ntiny, 2 workers, EP 2: {results['folder_bytes'] / 2**20:.1f} MiB of weights; median of {args.repeats} "
-          f"fresh processes each\n")
+    print(f"\ntiny, 2 workers, EP 2, ZeRO-{args.zero_stage}: {results['folder_bytes'] / 2**20:.1f} MiB of weights; "
+          f"median of {args.repeats} fresh processes each\n")
     print("| step | seconds | peak RSS MiB | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| `dlmoe export` of the run's checkpoint | {export['seconds']:.2f} | {export['maxrss_mib']:.0f} | "

@@ -20,8 +20,10 @@ folder is staged and moved into place; an ``s3://`` folder is staged locally and
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import os
 import re
 import tempfile
 import warnings
@@ -111,10 +113,19 @@ def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelCon
         if checkpoint.is_s3:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(storage.read_bytes(checkpoint.child(name)))
-        digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
-        if digest != sums[name]:
-            raise ExportError(f"checkpoint {checkpoint.uri}: {name} does not match its checksum (corrupt or changed)")
+    # Hashing releases the GIL: the files are checked in parallel, each read in chunks.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        digests = pool.map(_sha256, [folder / name for name in needed])
+        for name, digest in zip(needed, digests, strict=True):
+            if digest != sums[name]:
+                raise ExportError(f"checkpoint {checkpoint.uri}: {name} does not match its checksum (corrupt or "
+                                  f"changed)")
     return folder, state, config
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -124,10 +135,10 @@ AUTOEP_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 class _Tensors:
     """Release-keyed tensors of one checkpoint, read as shards ask for them."""
 
-
     def __init__(self, folder: Path, config: ModelConfig, expert_parallel: bool) -> None:
         self.folder, self.config, self.expert_parallel = folder, config, expert_parallel
-        module = _load(folder / MODEL_STATES)["module"]
+        # Memory-mapped: under ZeRO-0 this file also holds the optimizer state, which is never read.
+        module = _load(folder / MODEL_STATES, mmap=True)["module"]
         module = {k.replace(".mlp.layer.router.gate.", ".mlp.gate."): v for k, v in module.items()}
         if expert_parallel:
             self.plain = module
@@ -150,7 +161,7 @@ class _Tensors:
             layer, expert, kind = int(match[1]), int(match[2]), match[3]
             path = self.folder / f"{TAG}/layer_{self.moe_index[layer]}_expert_{expert}_mp_rank_00_model_states.pt"
             if self.cached is None or self.cached[0] != path:
-                self.cached = (path, _load(path))
+                self.cached = (path, _load(path, mmap=True))
             key = f"model.layers.{layer}.mlp.layer.experts.{AUTOEP_NAMES[kind]}.{expert}"
             if key not in self.cached[1]:
                 raise ExportError(f"{path} has no tensor {key}")
@@ -158,9 +169,9 @@ class _Tensors:
         return out
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
     try:
-        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise ExportError(f"cannot read {path}: {exc}") from exc
     return loaded
