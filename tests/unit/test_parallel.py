@@ -22,7 +22,7 @@ STEPS = 6
 GBS = 8
 
 
-def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
+def _train(rank: int, world: int, ep: int, port: int, result_path: str, zero: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -33,7 +33,8 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
 
     job = load_job_config(None, [f"parallel.num_workers={world}", f"parallel.ep_size={ep}",
                                  f"data.global_batch_size={GBS}", f"data.micro_batch_size={GBS // world}",
-                                 "data.seq_len=32", "train.steps=6", "train.warmup_steps=2", "parallel.zero_stage=1"])
+                                 "data.seq_len=32", "train.steps=6", "train.warmup_steps=2",
+                                 f"parallel.zero_stage={zero}"])
     config = job.model.to_model_config()
     model = build_model(config, seed=0)
     engine = parallelize(model, job)
@@ -59,13 +60,14 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str) -> None:
     if rank == 0:
         torch.save(state, result_path + ".pt")
         Path(result_path).write_text(json.dumps({"losses": losses, "wrapped": wrapped, "routed": routed,
-                                         "lr": engine.get_lr()[0]}))
+                                                 "lr": engine.get_lr()[0],
+                                                 "allreduce": engine.enable_backward_allreduce}))
     dist.destroy_process_group()
 
 
-def run(world: int, ep: int, tmp_path: Path) -> dict:
-    out = tmp_path / f"w{world}_ep{ep}.json"
-    mp.spawn(_train, args=(world, ep, free_port(), str(out)), nprocs=world, join=True)
+def run(world: int, ep: int, tmp_path: Path, zero: int = 1) -> dict:
+    out = tmp_path / f"w{world}_ep{ep}_zero{zero}.json"
+    mp.spawn(_train, args=(world, ep, free_port(), str(out), zero), nprocs=world, join=True)
     result: dict = json.loads(out.read_text())
     return result
 
@@ -81,10 +83,18 @@ def test_two_ranks_with_expert_parallelism_match_one_rank(tmp_path: Path) -> Non
     assert all(r % (2 * 2) == 0 for r in two["routed"])
     assert one["lr"] == pytest.approx(two["lr"])
     # The experts gathered from both EP ranks, in global order, are the one-rank model's experts after training.
-    full_one, full_two = (torch.load(tmp_path / f"{name}.json.pt") for name in ("w1_ep1", "w2_ep2"))
+    full_one, full_two = (torch.load(tmp_path / f"{name}_zero1.json.pt") for name in ("w1_ep1", "w2_ep2"))
     assert full_one.keys() == full_two.keys()
     for key in full_one:
         torch.testing.assert_close(full_two[key], full_one[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_one_rank_without_zero_skips_the_gradient_all_reduce_and_trains_the_same(tmp_path: Path) -> None:
+    # ZeRO-0 on one rank turns DeepSpeed's gradient all-reduce off (nothing to average); ZeRO-1 keeps it.
+    plain, zero = run(1, 1, tmp_path, zero=0), run(1, 1, tmp_path, zero=1)
+    assert not plain["allreduce"] and zero["allreduce"]
+    assert plain["losses"] == pytest.approx(zero["losses"], rel=1e-5)
+    assert len(set(plain["losses"])) == STEPS
 
 
 @pytest.mark.parametrize(("overrides", "key", "message"), [

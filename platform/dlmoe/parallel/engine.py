@@ -135,6 +135,10 @@ def parallelize(model: DiffusionMoE, job: JobConfig, use_gpu: bool = False) -> A
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=_optimizer_factory(job), lr_scheduler=_scheduler_factory(job),
         config=deepspeed_config(job, use_gpu), dist_init_required=False)
+    if world == 1 and job.parallel.zero_stage == 0:
+        # One rank has no gradients to average, yet DeepSpeed would still copy each into a flat buffer and back.
+        # (From ZeRO-1 on, that reduction also hands the gradients to the optimizer's partitions: it stays.)
+        engine.enable_backward_allreduce = False
     config = model.config
     for layer in model.model.layers:
         if isinstance(layer.mlp, AutoEPMoELayer):
