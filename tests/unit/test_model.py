@@ -87,6 +87,26 @@ def test_router_stats_per_moe_layer_and_gradients_flow() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_activation_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    def loss_and_grads(recompute: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)  # small_model draws its norm weights from the global generator
+        model = small_model(num_hidden_layers=3, moe_layer_freq=[1, 0, 1], shared_expert_intermediate_size=48)
+        model.activation_checkpointing = recompute
+        out = model(torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1)))
+        # The router statistics leave the checkpointed layers too: the balance-loss path must backpropagate.
+        loss = out.logits.float().pow(2).mean() + sum(s.logits_TE.logsumexp(-1).pow(2).mean()
+                                                      for s in out.router_stats)
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters())
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    stored, recomputed = loss_and_grads(False), loss_and_grads(True)
+    assert torch.equal(stored[0], recomputed[0])
+    assert stored[1].keys() == recomputed[1].keys()
+    for name, grad in stored[1].items():
+        torch.testing.assert_close(recomputed[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_rmsnorm_computes_in_float32_then_casts_before_weight() -> None:
     norm = RMSNorm(8, 1e-5).to(torch.bfloat16)
     with torch.no_grad():

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dlmoe.errors import ModelInputError
 from dlmoe.model.config import ModelConfig
@@ -73,6 +74,9 @@ class DiffusionMoE(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Activation checkpointing: in training, keep only each decoder layer's input and recompute the layer
+        # during backward (``train.activation_checkpointing``).
+        self.activation_checkpointing = False
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -121,8 +125,12 @@ class DiffusionMoE(nn.Module):
             attn_mask = keep[:, None, None, :]
             valid_T = keep.reshape(-1)
         stats: list[RouterStats] = []
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x, layer_stats = layer(x, cos, sin, attn_mask, valid_T)
+            if recompute:
+                x, layer_stats = checkpoint(layer, x, cos, sin, attn_mask, valid_T, use_reentrant=False)
+            else:
+                x, layer_stats = layer(x, cos, sin, attn_mask, valid_T)
             if layer_stats is not None:
                 stats.append(layer_stats)
         logits = self.lm_head(self.model.norm(x))

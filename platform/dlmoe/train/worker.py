@@ -176,6 +176,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None).child(job.run_name)
     if job.model.init_from and not run_checkpoint_states(run):  # a run that has checkpoints resumes from them
         _init_from(model, job.model.init_from, job.data.endpoint_url or None)
+    model.activation_checkpointing = job.train.activation_checkpointing
     engine = parallelize(model, job, use_gpu=config["use_gpu"])
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
