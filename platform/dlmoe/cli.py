@@ -153,11 +153,20 @@ def _export(args: argparse.Namespace) -> int:
     from dlmoe.export.checkpoint import export_checkpoint
 
     result = export_checkpoint(args.source, args.out, dtype=args.dtype, endpoint_url=args.endpoint_url)
+    report = dict(result.__dict__)
+    if args.register:
+        from dlmoe.tracking import default_tracking_uri, register_model_version
+
+        report["registered_version"] = register_model_version(
+            default_tracking_uri(args.tracking_uri), args.register, result.uri,
+            tags={"dlmoe.step": str(result.step), "dlmoe.checkpoint": result.checkpoint})
     if args.json:
-        print(json.dumps(result.__dict__, indent=2))
+        print(json.dumps(report, indent=2))
     else:
         print(f"exported step {result.step} of {result.checkpoint}\n  to {result.uri}: {result.tensors} tensors, "
               f"{result.bytes / 2**20:.1f} MiB")
+        if args.register:
+            print(f"  registered as {args.register} version {report['registered_version']}")
     return 0
 
 
@@ -203,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, metavar="URI", help="the model folder to write, local or s3://")
     exp.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="weight dtype (default: as trained)")
     exp.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+    exp.add_argument("--register", default=None, metavar="NAME",
+                     help="register the folder as a new version of this MLflow registered model")
+    exp.add_argument("--tracking-uri", default=None,
+                     help="MLflow for --register (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     exp.add_argument("--json", action="store_true", help="print a JSON report")
     exp.set_defaults(func=_export)
 

@@ -39,7 +39,12 @@ class Tracker:
 
 def tracking_uri(job: JobConfig) -> str:
     """The MLflow tracking URI in force for ``job`` (absolute for a local default store)."""
-    return job.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return default_tracking_uri(job.tracking.uri)
+
+
+def default_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the local store ``mlflow.db`` in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

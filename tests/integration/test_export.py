@@ -27,17 +27,19 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 JOB = ["train.steps=4", "train.warmup_steps=1", "checkpoint.every_steps=2", "tracking.enabled=false"]
 
 
-def _run(storage: Path, name: str, workers: int) -> Path:
+def _run(storage: Path, name: str, workers: int, zero: int) -> Path:
     job = load_job_config(None, [*JOB, f"checkpoint.storage={storage}", f"run_name={name}",
-                                 f"parallel.num_workers={workers}", f"parallel.ep_size={workers}"])
+                                 f"parallel.num_workers={workers}", f"parallel.ep_size={workers}",
+                                 f"parallel.zero_stage={zero}"])
     run_training(job, progress=False)
     return storage / name
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Runs by ``ep{size}-zero{stage}``."""
     storage = tmp_path_factory.mktemp("runs")
-    return {workers: _run(storage, f"ep{workers}", workers) for workers in (1, 2)}
+    return {f"ep{w}-zero{z}": _run(storage, f"ep{w}-zero{z}", w, z) for w, z in ((1, 1), (2, 1), (2, 2))}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -48,13 +50,16 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_the_exported_checkpoint_is_the_trained_model(runs: dict[int, Path], tmp_path: Path, workers: int,
+@pytest.mark.parametrize("layout", ["ep1-zero1", "ep2-zero1", "ep2-zero2"])
+def test_the_exported_checkpoint_is_the_trained_model(runs: dict[str, Path], tmp_path: Path, layout: str,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    run = runs[workers]
-    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--json"]) == 0
+    run = runs[layout]
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--json", "--register", "by-hand",
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["step"] == 4 and report["tensors"] > 0
+    assert report["step"] == 4 and report["tensors"] > 0 and report["registered_version"] == "1"
+    [version] = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_model_versions("name = 'by-hand'")
+    assert version.source == str(tmp_path / "hf") and version.tags["dlmoe.step"] == "4"
     # The end of training wrote the live model, gathered across the expert-parallel ranks: the same tensors, bit
     # for bit, and so the same logits.
     trained, exported = _tensors(run / "hf"), _tensors(tmp_path / "hf")
@@ -64,11 +69,11 @@ def test_the_exported_checkpoint_is_the_trained_model(runs: dict[int, Path], tmp
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path / "hf")(ids).logits, load_pretrained(run / "hf")(ids).logits)
     facts = json.loads((tmp_path / "hf" / "dlmoe.json").read_text())
-    assert facts["step"] == 4 and facts["source_run"] == f"ep{workers}" and facts["flavor"] == "debug"
+    assert facts["step"] == 4 and facts["source_run"] == layout and facts["flavor"] == "debug"
 
 
-def test_bf16_export(runs: dict[int, Path], tmp_path: Path) -> None:
-    result = export_checkpoint(str(runs[2]), str(tmp_path / "bf16"), dtype="bf16")
+def test_bf16_export(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = export_checkpoint(str(runs["ep2-zero1"]), str(tmp_path / "bf16"), dtype="bf16")
     model = load_pretrained(tmp_path / "bf16")
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert result.bytes == sum(t.numel() * 2 for t in _tensors(tmp_path / "bf16").values())
@@ -81,9 +86,9 @@ def _copy_run(run: Path, tmp_path: Path) -> tuple[Path, Path]:
     return copy, Path(run_checkpoint_states(storage.resolve(str(copy)))[0][1])
 
 
-def test_a_corrupt_file_is_named_and_a_run_falls_back_to_the_checkpoint_before(runs: dict[int, Path],
+def test_a_corrupt_file_is_named_and_a_run_falls_back_to_the_checkpoint_before(runs: dict[str, Path],
                                                                                tmp_path: Path) -> None:
-    run, newest = _copy_run(runs[2], tmp_path)
+    run, newest = _copy_run(runs["ep2-zero1"], tmp_path)
     damaged = newest / "dlmoe" / "layer_1_expert_5_mp_rank_00_model_states.pt"
     damaged.write_bytes(b"garbage")
     with pytest.raises(ExportError, match=r"dlmoe/layer_1_expert_5_mp_rank_00_model_states\.pt does not match"):
@@ -94,8 +99,8 @@ def test_a_corrupt_file_is_named_and_a_run_falls_back_to_the_checkpoint_before(r
     assert result.step == 2
 
 
-def test_missing_expert_files_are_named(runs: dict[int, Path], tmp_path: Path) -> None:
-    _, newest = _copy_run(runs[2], tmp_path)
+def test_missing_expert_files_are_named(runs: dict[str, Path], tmp_path: Path) -> None:
+    _, newest = _copy_run(runs["ep2-zero1"], tmp_path)
     for expert in (3, 6):
         (newest / "dlmoe" / f"layer_0_expert_{expert}_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(ExportError, match=r"lacks 2 model file\(s\) \(absent, or in no checksum list\): "
@@ -165,9 +170,9 @@ def _start_from(folder: str, storage: Path, name: str, workers: int, *extra: str
     return storage / name
 
 
-def test_import_then_export_is_identical_at_either_expert_parallel_size(runs: dict[int, Path], bucket: str,
+def test_import_then_export_is_identical_at_either_expert_parallel_size(runs: dict[str, Path], bucket: str,
                                                                         tmp_path: Path) -> None:
-    source = runs[2] / "hf"
+    source = runs["ep2-zero1"] / "hf"
     in_s3 = f"s3://{bucket}/models/start"
     for path in sorted(source.iterdir()):
         storage.write_bytes(storage.resolve(f"{in_s3}/{path.name}"), path.read_bytes())
@@ -180,8 +185,8 @@ def test_import_then_export_is_identical_at_either_expert_parallel_size(runs: di
         assert all(torch.equal(exported[k], started[k]) for k in started), f"ep_size {workers}"
 
 
-def test_init_from_another_model_is_refused_naming_the_fields(runs: dict[int, Path], tmp_path: Path) -> None:
+def test_init_from_another_model_is_refused_naming_the_fields(runs: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"holds another model than the job's: hidden_size \(job 32, folder 64\)"):
-        _start_from(str(runs[1] / "hf"), tmp_path, "mismatch", 1, "model.hidden_size=32")
+        _start_from(str(runs["ep1-zero1"] / "hf"), tmp_path, "mismatch", 1, "model.hidden_size=32")
     with pytest.raises(ConfigError, match=r"cannot start from .*nowhere: .*is not a model folder"):
         _start_from(str(tmp_path / "nowhere"), tmp_path, "missing", 1)
