@@ -20,17 +20,10 @@ from dlmoe.export import save_pretrained
 from dlmoe.model import DiffusionMoE, build_model, get_flavor
 from dlmoe.model.config import BYTE_EOS_ID, BYTE_MASK_ID, BYTE_PAD_ID
 from dlmoe.model.transformer import ModelOutput
-from dlmoe.train.copy_task import CopyTask, train_copy_model
 
-TASK = CopyTask()
+from .conftest import TASK
+
 IDS = {"mask_id": BYTE_MASK_ID, "eos_id": BYTE_EOS_ID, "pad_id": BYTE_PAD_ID}
-
-
-@pytest.fixture(scope="module")
-def copy_model() -> DiffusionMoE:
-    model, losses = train_copy_model(TASK, steps=300)
-    assert sum(losses[-10:]) / 10 < 0.05, f"the copy language did not train: last losses {losses[-10:]}"
-    return model
 
 
 @pytest.fixture(scope="module")
