@@ -73,6 +73,7 @@ class DataConfig:
     seed: int = 1234
     tokenizer: str = "byte"
     endpoint_url: str = ""  # S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default
+    validation: str = ""    # a held-out tokenized dataset, evaluated every train.eval_every steps
 
 
 @dataclass
@@ -92,6 +93,8 @@ class TrainConfig:
     precision: str = "fp32"
     activation_checkpointing: bool = False
     log_every: int = 10
+    eval_every: int = 0     # validation loss every this many steps (and at the end); 0: none
+    eval_batches: int = 2   # global batches of data.validation in the fixed validation set
 
 
 @dataclass
@@ -232,6 +235,13 @@ class JobConfig:
             positive(key, ivalue)
         positive("train.lr", t.lr)
         positive("checkpoint.sigterm_grace_s", self.checkpoint.sigterm_grace_s)
+        positive("train.eval_batches", t.eval_batches)
+        if t.eval_every < 0:
+            fail("train.eval_every", f"must be non-negative (0: no validation), got {t.eval_every}")
+        if t.eval_every and not d.validation:
+            fail("train.eval_every", "validation needs a held-out dataset in data.validation")
+        if d.validation and not t.eval_every:
+            fail("data.validation", "set train.eval_every to say how often to evaluate it")
         if d.seq_len > m.max_position_embeddings:
             fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
         if d.global_batch_size % p.num_workers != 0:

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from data_pipeline import storage
-from data_pipeline.tokenizers import load_tokenizer
+from data_pipeline.tokenize import TokenizeSpec, run_tokenize
+from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
-from dlmoe.errors import ConfigError
+from dlmoe.errors import ConfigError, DataError
 from dlmoe.export import load_pretrained
 from dlmoe.train.driver import TrainingResult, run_training
+from dlmoe.train.validation import Validation
 from dlmoe.train.worker import run_checkpoint_states
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -132,3 +134,27 @@ def test_checkpoints_in_s3_survive_a_crash_and_a_corrupt_one_is_passed_over(
     longer = run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={runs}", *two, "train.steps=8"]),
                           progress=False)
     assert longer.final_step == 8 and longer.losses[:6] == clean.losses
+
+
+def test_validation_uses_fixed_noise_and_is_the_same_on_one_worker_and_two(tmp_path: Path) -> None:
+    held_out = ["train.eval_every=3", f"data.validation={tmp_path / 'data' / 'stdlib-bytes-128'}"]
+    one = train(tmp_path, "run_name=val1", "parallel.num_workers=1", "parallel.ep_size=1", "export.enabled=true",
+                *held_out)
+    two = train(tmp_path, "run_name=val2", "parallel.num_workers=2", "parallel.ep_size=2", *held_out)
+    assert [step for step, _ in one.val_losses] == [3, 6] == [step for step, _ in two.val_losses]
+    assert [v for _, v in two.val_losses] == pytest.approx([v for _, v in one.val_losses], rel=1e-4)
+    assert one.val_losses[1][1] < one.val_losses[0][1]
+    # The same weights give the same value every time: the final model, evaluated again here, twice.
+    job = load_job_config(None, [*SHORT, f"checkpoint.storage={tmp_path}", *held_out])
+    validation = Validation(job, rank=0, world=1, tokenizer_fingerprint=byte_tokenizer().fingerprint)
+    model = load_pretrained(tmp_path / "val1" / "hf")
+    again = validation.evaluate(model)
+    assert again == validation.evaluate(model)
+    assert again == pytest.approx(one.val_losses[1][1], rel=1e-6)
+
+
+def test_a_validation_set_that_does_not_fit_the_job_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    run_tokenize(TokenizeSpec(output=str(other), seq_len=64), progress=False)
+    with pytest.raises(DataError, match=r"other has seq_len 64, the job expects 128 \(data\.seq_len\)"):
+        train(tmp_path, "run_name=badval", "train.eval_every=3", f"data.validation={other}")

@@ -82,6 +82,9 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("checkpoint.sigterm_grace_s=0", "checkpoint.sigterm_grace_s", "must be positive"),
         ("export.dtype=fp16", "export.dtype", "must be bf16, fp32 or empty"),
         ("export.every_n_checkpoints=-1", "export.every_n_checkpoints", "must be non-negative"),
+        ("train.eval_every=5", "train.eval_every", "needs a held-out dataset in data.validation"),
+        ("data.validation=held-out", "data.validation", "set train.eval_every"),
+        ("train.eval_batches=0", "train.eval_batches", "must be positive"),
     ],
 )
 def test_bad_values_raise_config_error_naming_key(override: str, key: str, needle: str) -> None:

@@ -36,6 +36,7 @@ class TrainingResult:
     restarts: int = 0
     checkpoints: list[str] = field(default_factory=list)
     interruptions: list[dict[str, Any]] = field(default_factory=list)  # {step, cause}: a checkpoint on preemption
+    val_losses: list[list[float]] = field(default_factory=list)  # [step, validation loss]
     export: str = ""
     mlflow_run_id: str = ""
     tracking_uri: str = ""
@@ -46,23 +47,20 @@ class TrainingResult:
 
 
 def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
-    """The dataset URI to stream: ``data.uri``, or the default corpus tokenized once under the storage."""
+    """The dataset URI to stream: ``data.uri``, or the default corpus tokenized once under the storage. A
+    ``data.validation`` dataset is checked against the job too."""
+    uri = _training_dataset(job, progress=progress)
+    if job.data.validation:
+        _check_dataset(job, job.data.validation)
+    return uri
+
+
+def _training_dataset(job: JobConfig, *, progress: bool) -> str:
     from data_pipeline import storage
     from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 
     if job.data.uri:
-        # Fail here, before any worker starts, when the dataset does not fit the job.
-        from data_pipeline.shards import check_against_job, read_manifest
-        from dlmoe.train.worker import job_tokenizer
-
-        manifest = read_manifest(job.data.uri, endpoint_url=job.data.endpoint_url or None)
-        tokenizer = job_tokenizer(job, job.model.to_model_config())
-        check_against_job(manifest, job.data.uri, seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
-                          kind=job.objective.kind)
-        mask_id = manifest.tokenizer.get("mask_id")
-        if mask_id != job.model.mask_token_id:
-            raise ConfigError(f"the dataset {job.data.uri} masks with id {mask_id}, the model with "
-                              f"{job.model.mask_token_id}", key="model.mask_token_id")
+        _check_dataset(job, job.data.uri)
         return job.data.uri
     if job.data.tokenizer != "byte" or job.objective.kind != "pretrain":
         raise ConfigError("the default corpus is byte-level pretraining text; SFT or another tokenizer needs a "
@@ -74,13 +72,28 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
     return uri
 
 
+def _check_dataset(job: JobConfig, uri: str) -> None:
+    """Fail here, before any worker starts, when a dataset does not fit the job."""
+    from data_pipeline.shards import check_against_job, read_manifest
+    from dlmoe.train.worker import job_tokenizer
+
+    manifest = read_manifest(uri, endpoint_url=job.data.endpoint_url or None)
+    tokenizer = job_tokenizer(job, job.model.to_model_config())
+    check_against_job(manifest, uri, seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
+                      kind=job.objective.kind)
+    mask_id = manifest.tokenizer.get("mask_id")
+    if mask_id != job.model.mask_token_id:
+        raise ConfigError(f"the dataset {uri} masks with id {mask_id}, the model with {job.model.mask_token_id}",
+                          key="model.mask_token_id")
+
+
 def _with_absolute_paths(job: JobConfig) -> JobConfig:
     """A copy of ``job`` whose local storage, data and tokenizer paths are absolute: Ray workers run elsewhere."""
     from data_pipeline import storage
     from dlmoe.config import job_from_dict
 
     absolute = job_from_dict(job.to_dict())
-    for section, key in (("checkpoint", "storage"), ("data", "uri"), ("model", "init_from")):
+    for section, key in (("checkpoint", "storage"), ("data", "uri"), ("data", "validation"), ("model", "init_from")):
         value = getattr(getattr(absolute, section), key)
         if value and "://" not in value:
             setattr(getattr(absolute, section), key, storage.resolve(value).path)
@@ -196,6 +209,7 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
                           losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
                           restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
                           interruptions=list(metrics.get("interruptions", [])),
+                          val_losses=list(metrics.get("val_losses", [])),
                           export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
                           tracking_uri=job.tracking.uri if mlflow_run_id else "",
                           tokens_per_second=float(metrics.get("tokens_per_s", 0.0)))

@@ -163,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dlmoe.tracking import make_tracker
     from dlmoe.train.exports import CheckpointExports, export_final
     from dlmoe.train.preemption import PreemptionWatch
+    from dlmoe.train.validation import Validation
 
     job = job_from_dict(config["job"])
     if not config["use_gpu"]:
@@ -180,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = parallelize(model, job, use_gpu=config["use_gpu"])
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "losses": [], "restarts": 0,
-                             "checkpoints": [], "interruptions": [], "shape": checkpoint_shape(job),
+                             "checkpoints": [], "interruptions": [], "val_losses": [], "shape": checkpoint_shape(job),
                              "config_hash": job.config_hash(), "run_name": job.run_name,
                              "flavor": job.model.flavor}
     resumed = _resume(engine, run)
@@ -189,7 +190,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if changed:
             raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint was made with other "
                               f"{', '.join(changed)}; keep them or use a new run_name", key="run_name")
-        state = {"interruptions": [], **resumed, "restarts": resumed["restarts"] + 1, "config_hash": job.config_hash()}
+        state = {"interruptions": [], "val_losses": [], **resumed, "restarts": resumed["restarts"] + 1,
+                 "config_hash": job.config_hash()}
 
     gbs, steps = job.data.global_batch_size, job.train.steps
     stream = TokenStream(config["dataset"], global_batch_size=gbs, seed=job.data.seed, rank=rank, world_size=world,
@@ -203,6 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
     micro = job.micro_batch_per_worker
     watch = PreemptionWatch(rank)
+    validation = Validation(job, rank, world, tokenizer.fingerprint) if job.train.eval_every else None
     exports = CheckpointExports(job, tracker, config.get("mlflow_run_id")) if rank == 0 and job.export.enabled \
         else None
     exports_of_checkpoints = job.export.enabled and job.export.every_n_checkpoints > 0
@@ -247,6 +250,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 {"step": step + 1, "layers": share.shape[0], "experts": share.shape[1],
                  "tokens_per_expert": counts_LE.tolist(), "share": share.tolist()}))
         state["losses"].append(loss)
+        if validation is not None and ((step + 1) % job.train.eval_every == 0 or step + 1 == steps):
+            val_loss = validation.evaluate(engine)  # every rank: a collective under expert parallelism
+            state["val_losses"].append([step + 1, val_loss])
+            tracker.log_metrics({"val_loss": val_loss}, step + 1)
         state["step"] = step + 1
         state["epoch"] = int(batch["epoch"])
         state["sample_in_epoch"] = (int(batch["sample_index"][0]) // gbs + 1) * gbs
@@ -254,7 +261,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             exports.poll()
         if progress is not None:
             progress.update(1)
-            progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f} {rate:.0f} tok/s")
+            val = f" val {state['val_losses'][-1][1]:.3f}" if state["val_losses"] else ""
+            progress.set_description(f"train {job.run_name} step {step + 1} loss {loss:.3f}{val} {rate:.0f} tok/s")
         if event is not None:
             state["interruptions"].append({"step": step + 1, "cause": event})
         if step + 1 < steps and (event is not None or (step + 1) % job.checkpoint.every_steps == 0):
@@ -275,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     full = full_state_dict(model)  # a collective under expert parallelism
     elapsed = time.perf_counter() - warm_time
     metrics: dict[str, Any] = {"step": state["step"], "losses": state["losses"], "restarts": state["restarts"],
-                               "interruptions": state.get("interruptions", []),
+                               "interruptions": state.get("interruptions", []), "val_losses": state["val_losses"],
                                "params_sha256": params_sha256(full),
                                "tokens_per_s": (tokens - warm_tokens) * world / elapsed if elapsed > 0 else 0.0}
     if exports is not None:
