@@ -1,8 +1,9 @@
 """Export: the official LLaDA-MoE Hugging Face format.
 
-Lives here: the state-dict adapters ``to_hf`` / ``from_hf`` and the model folder writer and reader
-``save_pretrained`` / ``write_folder`` / ``load_pretrained`` (hf.py); the checkpoint exporter, which stitches a
-training checkpoint of any expert-parallel size into such a folder (checkpoint.py). May import torch,
+Lives here: the state-dict adapters ``to_hf`` / ``from_hf``, config.json and the folder reader ``load_pretrained``
+(hf.py); the folder writers ``save_pretrained`` / ``write_folder`` (writer.py); the checkpoint exporter, which
+stitches a training checkpoint of any expert-parallel size into such a folder (checkpoint.py); folders at s3://
+URIs (remote.py). May import torch,
 safetensors, ``dlmoe.model`` and, for the exporter, ``data_pipeline`` (storage, tokenizers) and the checkpoint
 layout of ``dlmoe.train``.
 """
@@ -16,11 +17,9 @@ from dlmoe.export.hf import (
     load_pretrained,
     model_from_state,
     read_dlmoe_facts,
-    save_pretrained,
     to_hf,
-    verify_folder,
-    write_folder,
 )
+from dlmoe.export.writer import save_pretrained, verify_folder, write_folder
 
 __all__ = [
     "config_from_hf",

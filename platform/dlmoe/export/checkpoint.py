@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from dlmoe.errors import ExportError
-from dlmoe.export.hf import CONFIG_FILE, hf_tensor_shapes, to_hf, write_folder
+from dlmoe.export.hf import CONFIG_FILE, hf_tensor_shapes, to_hf
+from dlmoe.export.writer import write_folder
 from dlmoe.model import ModelConfig
 
 STATE_FILE = "dlmoe_state.json"

@@ -1,0 +1,160 @@
+"""Writing model folders in the release's format: shard by shard from any source of release-keyed tensors
+(``write_folder``; ``save_pretrained`` for a model in memory), verified before they are published
+(``verify_folder``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dlmoe import __version__
+from dlmoe.errors import ExportError
+from dlmoe.export.hf import (
+    CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
+    DLMOE_FILE,
+    DLMOE_FORMAT_VERSION,
+    INDEX_FILE,
+    config_to_hf,
+    hf_tensor_shapes,
+    read_json,
+    to_hf,
+)
+from dlmoe.model import DiffusionMoE, ModelConfig
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _shard(names: list[str], nbytes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if shards[-1] and size + nbytes[name] > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    return shards
+
+
+def _check_target(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / CONFIG_FILE).exists())):
+        raise ExportError(f"{target} exists and is not a model folder; refusing to overwrite it")
+
+
+def save_pretrained(model: DiffusionMoE, out_dir: str | Path, *, tokenizer: Any | None = None,
+                    dtype: torch.dtype | None = None, flavor: str | None = None, step: int | None = None,
+                    source_run: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` as a release-format folder (atomically: a crash leaves the previous folder or none).
+
+    ``tokenizer`` is anything with ``save(dir)`` (``data_pipeline.tokenizers.Tokenizer``); ``dtype`` casts the
+    weights (default: the model's); ``flavor``, ``step`` and ``source_run`` go to dlmoe.json.
+    """
+    config = model.config
+    _check_target(Path(out_dir))
+    tensors = to_hf(model.state_dict(), config)
+    return write_folder(out_dir, config, lambda names: {k: tensors[k] for k in names},
+                        dtype=dtype or model.lm_head.weight.dtype, tokenizer=tokenizer,
+                        facts={"flavor": flavor, "step": step, "source_run": source_run},
+                        max_shard_bytes=max_shard_bytes)
+
+
+def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable[[list[str]], dict[str, torch.Tensor]],
+                 *, dtype: torch.dtype, facts: dict[str, Any], tokenizer: Any | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a release-format folder shard by shard: ``tensors_for(names)`` gives the release-keyed tensors of one
+    shard, so no more than a shard's worth is held at once. The folder is staged next to the target, verified
+    (every tensor exactly once, with its shape; the index's total size equal to the bytes written) and only then
+    moved into place: a crash leaves the previous folder or none."""
+    target = Path(out_dir)
+    _check_target(target)
+    if max_shard_bytes <= 0:
+        raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shapes = hf_tensor_shapes(config)
+    names = list(shapes)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = {name: itemsize * _numel(shapes[name]) for name in names}
+    shards = _shard(names, nbytes, max_shard_bytes)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        for number, shard in enumerate(shards, start=1):
+            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            given = tensors_for(shard)
+            if sorted(given) != sorted(shard):
+                raise ExportError(f"shard {filename}: the source gave {sorted(set(given) ^ set(shard))[:5]} "
+                                  f"other than the tensors asked for")
+            # safetensors stores each tensor on its own: break views and ties (a tied lm_head is written in full).
+            save_file({k: v.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
+                       for k, v in given.items()}, str(staging / filename), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, filename))
+        total = sum(nbytes.values())
+        _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(staging / CONFIG_FILE, config_to_hf(config, dtype))
+        _write_json(staging / DLMOE_FILE, {"format_version": DLMOE_FORMAT_VERSION, "dlmoe_version": __version__,
+                                           "mask_token_id": config.mask_token_id, **facts})
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        verify_folder(staging, config)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def verify_folder(folder: Path, config: ModelConfig) -> None:
+    """Check a written folder without loading its tensors: the index places every expected tensor exactly once,
+    each shard holds exactly the tensors the index gives it with the expected shapes, and the index's total size
+    is the sum of the tensors' bytes."""
+    index = read_json(folder / INDEX_FILE)
+    weight_map: dict[str, str] = index.get("weight_map", {})
+    expected = hf_tensor_shapes(config)
+    if sorted(weight_map) != sorted(expected):
+        raise ExportError(f"{folder / INDEX_FILE} does not list exactly the model's tensors: "
+                          f"{sorted(set(weight_map) ^ set(expected))[:5]}")
+    total = 0
+    for filename in sorted(set(weight_map.values())):
+        with safe_open(str(folder / filename), framework="pt") as handle:
+            stored = set(handle.keys())
+            listed = {k for k, f in weight_map.items() if f == filename}
+            if stored != listed:
+                raise ExportError(f"{folder / filename} holds {sorted(stored ^ listed)[:5]} other than the index says")
+            for key in stored:
+                piece = handle.get_slice(key)
+                shape = tuple(piece.get_shape())
+                if shape != expected[key]:
+                    raise ExportError(f"{folder / filename}: {key} has shape {shape}, expected {expected[key]}")
+                total += _numel(shape) * _DTYPE_BYTES[piece.get_dtype()]
+    if total != index.get("metadata", {}).get("total_size"):
+        raise ExportError(f"{folder / INDEX_FILE}: total_size {index.get('metadata', {}).get('total_size')} "
+                          f"is not the {total} bytes the shards hold")
+
+
+_DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}
