@@ -21,7 +21,6 @@ folder is staged and moved into place; an ``s3://`` folder is staged locally and
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import os
 import re
@@ -34,13 +33,11 @@ from typing import Any
 import torch
 
 from dlmoe.errors import ExportError
-from dlmoe.export.hf import CONFIG_FILE, hf_tensor_shapes, to_hf
-from dlmoe.export.writer import write_folder
+from dlmoe.export.hf import to_hf
+from dlmoe.export.writer import tensor_bytes, write_folder, write_to_uri
 from dlmoe.model import ModelConfig
+from dlmoe.train.worker import CHECKSUM_FILE, STATE_FILE, TAG, file_sha256, run_checkpoint_states
 
-STATE_FILE = "dlmoe_state.json"
-CHECKSUMS = "checksums.json.rank"
-TAG = "dlmoe"
 MODEL_STATES = f"{TAG}/mp_rank_00_model_states.pt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -58,7 +55,6 @@ def checkpoint_candidates(source: str, endpoint_url: str | None = None) -> tuple
     """The checkpoints ``source`` names, newest first, and whether it named a run: a checkpoint folder (it has
     ``dlmoe_state.json``) names itself; a run folder (``{checkpoint.storage}/{run_name}``) names its checkpoints."""
     from data_pipeline import storage
-    from dlmoe.train.worker import run_checkpoint_states
 
     where = storage.resolve(source, endpoint_url=endpoint_url)
     if storage.exists(where.child(STATE_FILE)):
@@ -102,7 +98,7 @@ def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelCon
     for path, _ in storage.list_files(checkpoint, ()):
         name = path.path[len(checkpoint.path.rstrip("/")) + 1:]
         present.add(name)
-        if name.startswith(CHECKSUMS):
+        if name.startswith(f"{CHECKSUM_FILE}.rank"):
             sums.update(json.loads(storage.read_bytes(path)))
     folder = local if checkpoint.is_s3 else Path(checkpoint.path)
     needed = _expected_files(state, config)
@@ -116,17 +112,12 @@ def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelCon
             (folder / name).write_bytes(storage.read_bytes(checkpoint.child(name)))
     # Hashing releases the GIL: the files are checked in parallel, each read in chunks.
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = pool.map(_sha256, [folder / name for name in needed])
+        digests = pool.map(file_sha256, [folder / name for name in needed])
         for name, digest in zip(needed, digests, strict=True):
             if digest != sums[name]:
                 raise ExportError(f"checkpoint {checkpoint.uri}: {name} does not match its checksum (corrupt or "
                                   f"changed)")
     return folder, state, config
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -209,26 +200,11 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
         elif tokenizer is None:
             warnings.warn(f"the run's tokenizer {tokenizer_name} is not reachable here; exporting without tokenizer "
                           f"files", stacklevel=2)
-        written = write_folder(Path(target.path) if not target.is_s3 else Path(tmp) / "hf", config, tensors,
-                               dtype=DTYPES[dtype] if dtype else tensors.dtype, tokenizer=tokenizer,
-                               facts={"flavor": state.get("flavor"), "step": state.get("step"),
-                                      "source_run": state.get("run_name"), "source_checkpoint": checkpoint.uri})
-        if target.is_s3:
-            publish(written, target)
-    shapes = hf_tensor_shapes(config)
-    size = torch.empty((), dtype=DTYPES[dtype] if dtype else tensors.dtype).element_size()
+        weights = DTYPES[dtype] if dtype else tensors.dtype
+        facts = {"flavor": state.get("flavor"), "step": state.get("step"), "source_run": state.get("run_name"),
+                 "source_checkpoint": checkpoint.uri}
+        write_to_uri(target, lambda out: write_folder(out, config, tensors, dtype=weights, tokenizer=tokenizer,
+                                                      facts=facts))
+    nbytes = tensor_bytes(config, weights)
     return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(state.get("step", 0)),
-                        tensors=len(shapes), bytes=size * sum(int(torch.Size(s).numel()) for s in shapes.values()))
-
-
-def publish(folder: Path, target: Any) -> None:
-    """Upload a finished local model folder to an ``s3://`` location, ``config.json`` last (and removed first when
-    a previous folder is there), so that a folder without ``config.json`` is never a finished one."""
-    from data_pipeline import storage
-
-    done = target.child(CONFIG_FILE)
-    if storage.exists(done):
-        storage.delete(done)
-    files = sorted(p for p in folder.iterdir() if p.name != CONFIG_FILE)
-    for path in [*files, folder / CONFIG_FILE]:
-        storage.write_bytes(target.child(path.name), path.read_bytes())
+                        tensors=len(nbytes), bytes=sum(nbytes.values()))

@@ -81,11 +81,8 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
     _check_target(target)
     if max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    shapes = hf_tensor_shapes(config)
-    names = list(shapes)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = {name: itemsize * _numel(shapes[name]) for name in names}
-    shards = _shard(names, nbytes, max_shard_bytes)
+    nbytes = tensor_bytes(config, dtype)
+    shards = _shard(list(nbytes), nbytes, max_shard_bytes)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -120,6 +117,32 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def tensor_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
+    """The bytes of every release-keyed tensor of ``config`` in ``dtype``, in the folder's order."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return {name: itemsize * _numel(shape) for name, shape in hf_tensor_shapes(config).items()}
+
+
+def write_to_uri(target: Any, write: Callable[[Path], Path]) -> None:
+    """Have ``write(folder)`` — ``save_pretrained`` or ``write_folder`` bound to their tensors — produce its folder
+    at ``target`` (a ``data_pipeline.storage`` location): in place for a local path; for ``s3://`` in a local
+    staging folder, uploaded with ``config.json`` last (and removed first when a previous folder is there), so that
+    a folder without ``config.json`` is never a finished one."""
+    from data_pipeline import storage
+
+    if not target.is_s3:
+        write(Path(target.path))
+        return
+    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
+        folder = write(Path(tmp) / "hf")
+        done = target.child(CONFIG_FILE)
+        if storage.exists(done):
+            storage.delete(done)
+        files = sorted(p for p in folder.iterdir() if p.name != CONFIG_FILE)
+        for path in [*files, folder / CONFIG_FILE]:
+            storage.write_bytes(target.child(path.name), path.read_bytes())
 
 
 def _numel(shape: tuple[int, ...]) -> int:

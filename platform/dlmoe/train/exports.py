@@ -14,10 +14,8 @@ exported whatever ``every_n_checkpoints`` says. A successful one logs the metric
 
 from __future__ import annotations
 
-import tempfile
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,16 +114,13 @@ def export_final(job: Any, model_config: Any, tokenizer: Any, full: dict[str, to
     when asked, and return the folder's URI."""
     from data_pipeline import storage
     from dlmoe.export import model_from_state, save_pretrained
-    from dlmoe.export.checkpoint import DTYPES, publish
+    from dlmoe.export.checkpoint import DTYPES
+    from dlmoe.export.writer import write_to_uri
 
     model = model_from_state(model_config, {k: v.to("cpu") for k, v in full.items()})
     target = storage.resolve(export_uri(job), endpoint_url=job.data.endpoint_url or None)
     facts = {"tokenizer": tokenizer, "flavor": job.model.flavor, "step": step, "source_run": job.run_name,
              "dtype": DTYPES.get(job.export.dtype)}
-    if target.is_s3:
-        with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
-            publish(save_pretrained(model, Path(tmp) / "hf", **facts), target)
-    else:
-        save_pretrained(model, target.path, **facts)
+    write_to_uri(target, lambda out: save_pretrained(model, out, **facts))
     register(job, target.uri, step, run_id)
     return str(target.uri)

@@ -16,12 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dlmoe.train.worker import micro_batches, objective_settings
+
 
 class Validation:
     def __init__(self, job: Any, rank: int, world: int, tokenizer_fingerprint: str) -> None:
         from data_pipeline.stream import TokenStream
         from dlmoe.diffusion import MaskedDiffusionObjective
-        from dlmoe.train.worker import objective_settings
 
         stream = TokenStream(job.data.validation, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
                              rank=rank, world_size=world, seq_len=job.data.seq_len,
@@ -42,13 +43,8 @@ class Validation:
         engine.eval()
         try:
             for batch in self.batches:
-                prompt_len = batch.get("prompt_len")
-                for lo in range(0, len(batch["input_ids"]), self.micro):
-                    part = slice(lo, lo + self.micro)
-                    rows = torch.from_numpy(batch["input_ids"][part]).to(device)
-                    prompts = None if prompt_len is None else torch.from_numpy(prompt_len[part])
-                    out = self.objective(engine, rows, torch.from_numpy(batch["sample_index"][part]), batch["epoch"],
-                                         prompt_len_B=prompts)
+                for rows, sample_index, prompt_len in micro_batches(batch, self.micro, device):
+                    out = self.objective(engine, rows, sample_index, batch["epoch"], prompt_len_B=prompt_len)
                     total += torch.stack([out.diffusion_loss.double() * len(rows),
                                           torch.tensor(float(len(rows)), dtype=torch.float64, device=device)])
         finally:

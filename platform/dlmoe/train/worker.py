@@ -20,6 +20,7 @@ import signal
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,17 @@ def shape_changes(job: Any, state: dict[str, Any]) -> list[str]:
     return sorted(k for k, v in checkpoint_shape(job).items() if state.get("shape", {}).get(k) != v)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint file, read in chunks."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _checksums(folder: Path) -> dict[str, str]:
     sums = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != CHECKSUM_FILE:
-            sums[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+            sums[str(path.relative_to(folder))] = file_sha256(path)
     return sums
 
 
@@ -102,7 +109,7 @@ def _load(engine: Any, checkpoint: Any) -> dict[str, Any]:
         for sums_file in sorted(folder.glob(f"{CHECKSUM_FILE}.rank*")):
             for name, digest in json.loads(sums_file.read_text()).items():
                 path = folder / name
-                if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                if not path.is_file() or file_sha256(path) != digest:
                     raise CheckpointError(f"checkpoint {checkpoint.path}: {name} is missing or does not match "
                                           f"{sums_file.name}")
         state: dict[str, Any] = json.loads((folder / STATE_FILE).read_text())
@@ -301,6 +308,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tracker.finish()
 
 
+def micro_batches(batch: dict[str, Any], micro: int, device: torch.device | str
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """A batch from ``TokenStream`` in micro-batches of ``micro`` rows: token ids (on ``device``), global sample
+    indices and, for SFT data, prompt lengths."""
+    prompt_len = batch.get("prompt_len")
+    for lo in range(0, len(batch["input_ids"]), micro):
+        part = slice(lo, lo + micro)
+        yield (torch.from_numpy(batch["input_ids"][part]).to(device), torch.from_numpy(batch["sample_index"][part]),
+               None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+
+
 def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
                accumulation_steps: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """One optimizer step on this rank's share of a global batch, in micro-batches of ``micro`` (the engine steps
@@ -311,12 +329,8 @@ def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
     losses = torch.zeros(3, dtype=torch.float64, device=device)
     counts_LE: torch.Tensor | None = None
     tokens = 0
-    prompt_len = batch.get("prompt_len")
-    for lo in range(0, len(batch["input_ids"]), micro):
-        part = slice(lo, lo + micro)
-        out = objective(engine, torch.from_numpy(batch["input_ids"][part]).to(device),
-                        torch.from_numpy(batch["sample_index"][part]), batch["epoch"],
-                        prompt_len_B=None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+    for input_ids, sample_index, prompt_len in micro_batches(batch, micro, device):
+        out = objective(engine, input_ids, sample_index, batch["epoch"], prompt_len_B=prompt_len)
         engine.backward(out.loss)
         engine.step()
         losses += torch.stack([out.loss.detach(), out.balance_loss, out.z_loss]).to(torch.float64) / accumulation_steps
