@@ -276,6 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["checkpoints"].append(step + 1)
             ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0]},
                              checkpoint=_save(engine, state, rank))
+            tracker.log_metrics({"checkpoint_step": step + 1}, step + 1)  # what the operator shows as the latest
             if exports_of_checkpoints and world > 1:
                 dist.barrier()  # every rank's files of the checkpoint are in storage before it is exported
             if exports is not None:
@@ -305,6 +306,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["checkpoints"].append(state["step"])
     metrics["checkpoints"] = list(state["checkpoints"])
     ray.train.report(metrics, checkpoint=_save(engine, state, rank))
+    tracker.log_metrics({"checkpoint_step": state["step"]}, state["step"])
     tracker.finish()
 
 
