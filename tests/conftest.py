@@ -1,10 +1,14 @@
-"""Shared test set-up: tier markers follow the folder (unit/, integration/, e2e/)."""
+"""Shared test set-up: tier markers follow the folder (unit/, integration/, e2e/); a real MLflow server for the
+integration and e2e tiers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from data_pipeline.local_s3 import free_port, wait_until_listening
 
 TIERS = ("unit", "integration", "e2e")
 
@@ -15,3 +19,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for tier in TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` process (sqlite backend, local artifact root) on 127.0.0.1."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_listening(port, proc, "mlflow server", timeout=90)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
