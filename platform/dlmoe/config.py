@@ -151,7 +151,14 @@ class TrackingConfig:
 
 @dataclass
 class MonitorConfig:
+    """Expert-load monitoring (``dlmoe.monitor``): every ``expert_load_every`` steps, the layer × expert token share
+    over the steps since the last one, split into ``mask_buckets`` equal bins of the mask ratio t, goes to MLflow as
+    an ``expert_load/`` artifact. An expert is counted dead over a window when its share is at most
+    ``dead_fraction`` of the fair share 1/E."""
+
     expert_load_every: int = 50
+    mask_buckets: int = 5
+    dead_fraction: float = 0.1
 
 
 @dataclass
@@ -231,8 +238,12 @@ class JobConfig:
                             ("checkpoint.every_steps", self.checkpoint.every_steps),
                             ("checkpoint.num_to_keep", self.checkpoint.num_to_keep),
                             ("train.log_every", t.log_every), ("monitor.expert_load_every",
-                                                               self.monitor.expert_load_every)):
+                                                               self.monitor.expert_load_every),
+                            ("monitor.mask_buckets", self.monitor.mask_buckets)):
             positive(key, ivalue)
+        if not 0.0 <= self.monitor.dead_fraction < 1.0:
+            fail("monitor.dead_fraction", f"must be in [0, 1) (a fraction of the fair share 1/E), got "
+                                          f"{self.monitor.dead_fraction}")
         positive("train.lr", t.lr)
         positive("checkpoint.sigterm_grace_s", self.checkpoint.sigterm_grace_s)
         positive("train.eval_batches", t.eval_batches)

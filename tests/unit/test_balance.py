@@ -20,7 +20,7 @@ from dlmoe.model.moe import RouterStats
 def stats_from(scores: list[list[float]], counts: list[int], logits: list[list[float]] | None = None) -> RouterStats:
     s = torch.tensor(scores)
     return RouterStats(logits_TE=torch.tensor(logits) if logits else s.log(), scores_TE=s,
-                       tokens_per_expert_E=torch.tensor(counts))
+                       tokens_per_expert_E=torch.tensor(counts), experts_TK=s.argmax(-1, keepdim=True))
 
 
 def test_balance_loss_is_one_at_perfect_balance() -> None:
@@ -38,7 +38,8 @@ def test_balance_loss_hand_value_and_layer_mean() -> None:
 
 def test_balance_loss_gradient_flows_through_scores_only() -> None:
     scores = torch.tensor([[0.9, 0.1], [0.7, 0.3]], requires_grad=True)
-    stats = RouterStats(logits_TE=scores.log(), scores_TE=scores, tokens_per_expert_E=torch.tensor([2, 0]))
+    stats = RouterStats(logits_TE=scores.log(), scores_TE=scores, tokens_per_expert_E=torch.tensor([2, 0]),
+                        experts_TK=torch.zeros(2, 1, dtype=torch.long))
     load_balance_loss([stats]).backward()
     assert scores.grad is not None
     # d/dP_0 of 2 * (1 * mean(P_0)) = 2 / T = 1 for each token's expert-0 score; expert 1 has f = 0.
@@ -52,7 +53,8 @@ def test_counts_override_replaces_local_counts() -> None:
 
 
 def test_all_padding_layer_gives_finite_zero_loss() -> None:
-    empty = RouterStats(logits_TE=torch.zeros(0, 2), scores_TE=torch.zeros(0, 2), tokens_per_expert_E=torch.zeros(2))
+    empty = RouterStats(logits_TE=torch.zeros(0, 2), scores_TE=torch.zeros(0, 2), tokens_per_expert_E=torch.zeros(2),
+                        experts_TK=torch.zeros(0, 1, dtype=torch.long))
     assert load_balance_loss([empty]).item() == 0.0
     assert router_z_loss([empty]).item() == 0.0
 

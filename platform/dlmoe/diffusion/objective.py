@@ -70,7 +70,8 @@ class ObjectiveSettings:
 
 @dataclass
 class ObjectiveOutput:
-    """The total loss and its parts (detached parts for logging), plus the router statistics of the step."""
+    """The total loss and its parts (detached parts for logging), the router statistics of the step, and each
+    sample's mask ratio ``t_B`` (what the expert-load monitor buckets routing by)."""
 
     loss: torch.Tensor
     diffusion_loss: torch.Tensor
@@ -79,6 +80,7 @@ class ObjectiveOutput:
     masked_tokens: int
     seq_len: int
     router_stats: list[RouterStats]
+    t_B: torch.Tensor
 
 
 class MaskedDiffusionObjective:
@@ -132,4 +134,4 @@ class MaskedDiffusionObjective:
         loss = diffusion + s.aux_loss_coef * balance + s.z_loss_coef * z_loss
         return ObjectiveOutput(loss=loss, diffusion_loss=diffusion.detach(), balance_loss=balance.detach(),
                                z_loss=z_loss.detach(), masked_tokens=int(masked.sum()), seq_len=seq_len,
-                               router_stats=out.router_stats)
+                               router_stats=out.router_stats, t_B=noise.t_B)

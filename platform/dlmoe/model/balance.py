@@ -63,13 +63,19 @@ def router_z_loss(stats: Sequence[RouterStats]) -> torch.Tensor:
 
 @dataclass
 class ExpertLoad:
-    """Per-layer expert-load summary; every field is a [layers] tensor except ``share_LE`` [layers, experts]."""
+    """Per-layer expert-load summary; every field is a [layers] tensor except ``share_LE`` and ``dead_LE``
+    [layers, experts]."""
 
     share_LE: torch.Tensor
     max_over_mean: torch.Tensor
     coefficient_of_variation: torch.Tensor
     normalized_entropy: torch.Tensor
-    dead_experts: torch.Tensor
+    dead_LE: torch.Tensor
+
+    @property
+    def dead_experts(self) -> torch.Tensor:
+        """The number of dead experts per layer."""
+        return self.dead_LE.sum(-1)
 
     def as_metrics(self, prefix: str = "moe") -> dict[str, float]:
         """Flat scalar metrics per layer plus their means, for trackers."""
@@ -82,9 +88,10 @@ class ExpertLoad:
         return metrics
 
 
-def expert_load(counts_LE: torch.Tensor) -> ExpertLoad:
+def expert_load(counts_LE: torch.Tensor, dead_fraction: float = 0.0) -> ExpertLoad:
     """Summarise routed-slot counts [layers, experts]: share per expert, max/mean imbalance, coefficient of
-    variation, entropy normalised to 1 at perfect balance, and the number of experts that got no token."""
+    variation, entropy normalised to 1 at perfect balance, and the dead experts — those whose share is at most
+    ``dead_fraction`` of the fair share 1/E (with 0, those that got no token)."""
     counts = counts_LE.detach().to(torch.float64)
     num_experts = counts.shape[-1]
     total = counts.sum(-1, keepdim=True)
@@ -97,7 +104,7 @@ def expert_load(counts_LE: torch.Tensor) -> ExpertLoad:
         max_over_mean=(counts.max(-1).values / safe_mean).float(),
         coefficient_of_variation=(counts.std(-1, unbiased=False) / safe_mean).float(),
         normalized_entropy=(entropy / math.log(num_experts) if num_experts > 1 else torch.ones_like(entropy)).float(),
-        dead_experts=(counts == 0).sum(-1),
+        dead_LE=share <= dead_fraction / num_experts,
     )
 
 

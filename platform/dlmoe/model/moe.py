@@ -31,12 +31,14 @@ class RouterStats:
     """What one MoE layer reports for the load-balance losses and the expert-load metrics.
 
     ``logits_TE`` and ``scores_TE`` (float32, differentiable) cover the valid (non-padding) tokens only;
-    ``tokens_per_expert_E`` counts the routed slots of those tokens (no gradient).
+    ``tokens_per_expert_E`` counts the routed slots of those tokens and ``experts_TK`` names the experts each of
+    them was sent to (both without gradient; the expert-load monitor splits the counts by mask ratio with it).
     """
 
     logits_TE: torch.Tensor
     scores_TE: torch.Tensor
     tokens_per_expert_E: torch.Tensor
+    experts_TK: torch.Tensor
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -176,8 +178,8 @@ class MoEBlock(nn.Module):
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
         if valid_T is not None:
-            logits_TE, scores_TE = logits_TE[valid_T], scores_TE[valid_T]
-            tokens_per_expert_E = torch.bincount(experts_TK[valid_T].reshape(-1), minlength=self.num_experts)
+            logits_TE, scores_TE, experts_TK = logits_TE[valid_T], scores_TE[valid_T], experts_TK[valid_T]
+            tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
         stats = RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
-                            tokens_per_expert_E=tokens_per_expert_E.detach())
+                            tokens_per_expert_E=tokens_per_expert_E.detach(), experts_TK=experts_TK.detach())
         return out_TD.view(shape), stats

@@ -94,7 +94,7 @@ class ExpertParallelMoE(nn.Module):
         chosen = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
         counts = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
         return out.reshape(x.shape), RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
-                                                 tokens_per_expert_E=counts)
+                                                 tokens_per_expert_E=counts, experts_TK=chosen)
 
 
 def _optimizer_factory(job: JobConfig) -> Any:

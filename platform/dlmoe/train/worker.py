@@ -165,7 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from dlmoe.diffusion import MaskedDiffusionObjective
     from dlmoe.errors import ConfigError, WorkerPreempted
     from dlmoe.model import build_model
-    from dlmoe.model.balance import AuxFreeBalancer, expert_load
+    from dlmoe.model.balance import AuxFreeBalancer
+    from dlmoe.monitor.metrics import ExpertLoadMonitor
     from dlmoe.parallel import full_state_dict, parallelize, params_sha256
     from dlmoe.tracking import make_tracker
     from dlmoe.train.exports import CheckpointExports, export_final
@@ -210,6 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     balancer = AuxFreeBalancer(model, balance.bias_update_rate) if balance.mode == "aux_free" else None
     tracker = make_tracker(job, rank, config.get("mlflow_run_id"))
+    monitor = ExpertLoadMonitor(job.monitor.dead_fraction, tracker)
     micro = job.micro_batch_per_worker
     watch = PreemptionWatch(rank)
     validation = Validation(job, rank, world, tokenizer.fingerprint) if job.train.eval_every else None
@@ -228,17 +230,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if fault.enabled and rank == fault.rank and step == fault.step and not storage.exists(run.child(FAULT_MARK)):
             _inject_fault(fault.kind, run.child(FAULT_MARK), rank, step)
         batch = next(batches)
-        losses, counts_LE, seen = train_step(engine, objective, batch, micro, job.accumulation_steps)
+        losses, counts_RLE, seen = train_step(engine, objective, batch, micro, job.accumulation_steps,
+                                              job.monitor.mask_buckets)
         tokens += seen
         # loss, balance loss, z-loss (averaged over micro-batches), then the preemption flags (summed over ranks)
         parts = torch.cat([losses, watch.flags().to(losses.device)])
-        if balancer is not None and counts_LE is not None:
-            balancer.update(counts_LE)  # this rank's counts: the balancer sums them over the ranks itself
+        if balancer is not None and counts_RLE is not None:
+            balancer.update(counts_RLE.sum(0))  # this rank's counts: the balancer sums them over the ranks itself
         if dist.is_initialized() and world > 1:
             dist.all_reduce(parts)
             parts[:3] /= world
-            if counts_LE is not None:
-                dist.all_reduce(counts_LE)
+            if counts_RLE is not None:
+                dist.all_reduce(counts_RLE)
+        if counts_RLE is not None:
+            monitor.add(counts_RLE, step + 1)
         event = watch.event(parts[3:])
         loss = float(parts[0])
         rate = tokens * world / (time.perf_counter() - started)
@@ -249,13 +254,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics_now = {"loss": loss, "lr": float(engine.get_lr()[0]), "tokens_per_s": rate,
                            "balance_loss": float(parts[1]), "z_loss": float(parts[2]),
                            **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                           **(expert_load(counts_LE).as_metrics() if counts_LE is not None else {})}
+                           **monitor.take_scalars()}
             tracker.log_metrics(metrics_now, step + 1)
-        if counts_LE is not None and ((step + 1) % job.monitor.expert_load_every == 0 or step + 1 == steps):
-            share = expert_load(counts_LE).share_LE
-            tracker.log_artifact(f"expert_load/step-{step + 1:08d}.json", json.dumps(
-                {"step": step + 1, "layers": share.shape[0], "experts": share.shape[1],
-                 "tokens_per_expert": counts_LE.tolist(), "share": share.tolist()}))
+        if (step + 1) % job.monitor.expert_load_every == 0 or step + 1 == steps:
+            monitor.log_artifact()
         state["losses"].append(loss)
         if validation is not None and ((step + 1) % job.train.eval_every == 0 or step + 1 == steps):
             val_loss = validation.evaluate(engine)  # every rank: a collective under expert parallelism
@@ -321,15 +323,17 @@ def micro_batches(batch: dict[str, Any], micro: int, device: torch.device | str
                None if prompt_len is None else torch.from_numpy(prompt_len[part]))
 
 
-def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
-               accumulation_steps: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int, accumulation_steps: int,
+               mask_bins: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """One optimizer step on this rank's share of a global batch, in micro-batches of ``micro`` (the engine steps
     the optimizer at the accumulation boundary). Returns the loss, balance loss and z-loss averaged over the
-    micro-batches, the layer × expert token counts (``None`` for a model without MoE layers), both on the engine's
-    device, and the number of tokens trained on."""
+    micro-batches, the token counts [mask-ratio bins, layers, experts] (``None`` for a model without MoE layers),
+    both on the engine's device, and the number of tokens trained on."""
+    from dlmoe.monitor.metrics import bucket_counts
+
     device = engine.device
     losses = torch.zeros(3, dtype=torch.float64, device=device)
-    counts_LE: torch.Tensor | None = None
+    counts_RLE: torch.Tensor | None = None
     tokens = 0
     for input_ids, sample_index, prompt_len in micro_batches(batch, micro, device):
         out = objective(engine, input_ids, sample_index, batch["epoch"], prompt_len_B=prompt_len)
@@ -337,10 +341,10 @@ def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int,
         engine.step()
         losses += torch.stack([out.loss.detach(), out.balance_loss, out.z_loss]).to(torch.float64) / accumulation_steps
         if out.router_stats:
-            counts = torch.stack([s.tokens_per_expert_E for s in out.router_stats]).to(torch.float64)
-            counts_LE = counts if counts_LE is None else counts_LE + counts
+            counts = bucket_counts(out.router_stats, out.t_B, mask_bins)
+            counts_RLE = counts if counts_RLE is None else counts_RLE + counts
         tokens += out.seq_len * micro
-    return losses, counts_LE, tokens
+    return losses, counts_RLE, tokens
 
 
 def _init_from(model: Any, uri: str, endpoint_url: str | None) -> None:
