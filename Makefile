@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint unit bench clean
+.PHONY: train test lint unit bench clean helm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,11 +14,15 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/dlmoe train
 
-test: $(STAMP) lint
+test: $(STAMP) lint helm
 	$(BIN)/pytest
 
 unit: $(STAMP)
 	$(BIN)/pytest -m unit
+
+# The chart tests run the real helm: the one on the PATH, else helm v4 fetched into .tools/ (DESIGN.md §5).
+helm:
+	@command -v helm >/dev/null 2>&1 || test -x .tools/helm || $(PYTHON) .ci/fetch_helm.py .tools
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -33,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/training.py
 
 clean:
-	rm -rf $(VENV) runs mlruns .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs mlruns .pytest_cache .mypy_cache .ruff_cache .tools
