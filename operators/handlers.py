@@ -1,0 +1,79 @@
+"""The kopf handlers: thin entry points that run one reconciliation pass (operators/reconcile.py) each.
+
+They are registered on a given registry rather than kopf's global one, so the CLI and the tests build an operator
+with their own settings (resync interval, default MLflow URI) and several can run one after another in one process.
+Handlers are sync: kopf runs them in its thread pool, where the blocking Kubernetes and MLflow clients belong.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from operators import kube, progress
+from operators import render as r
+from operators.reconcile import Reconciler
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings that keep the operator inside the chart's RBAC and the CRD's schema."""
+    # Handler progress and the last-handled spec go to annotations: the structural status schema would prune
+    # kopf's own status fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=r.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=r.GROUP)
+    settings.persistence.finalizer = f"{r.GROUP}/finalizer"
+    # No CRD or namespace watching: the RBAC grants neither, and the resources are known at start.
+    settings.scanning.disabled = True
+    # Our own Events tell the story; kopf's per-handler INFO logs would bury them.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = r.MANAGED_BY
+
+
+def _namespaced(namespace: str | None) -> str:
+    # Both resources are namespaced (the CRD's scope, KubeRay's RayJob); kopf types the field for cluster scope too.
+    assert namespace is not None, "a namespaced resource arrived without a namespace"
+    return namespace
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
+    """Register every handler of the operator on ``registry``."""
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings)
+        kube.load_config()
+        progress.configure_client()
+
+    @kopf.on.create(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
+    @kopf.on.resume(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
+    @kopf.on.update(r.GROUP, r.VERSION, r.PLURAL, field="spec", registry=registry)
+    def changed(namespace: str | None, name: str, **_: Any) -> None:
+        reconciler.reconcile(_namespaced(namespace), name)
+
+    @kopf.timer(r.GROUP, r.VERSION, r.PLURAL, interval=resync_seconds, registry=registry)
+    def resync(namespace: str | None, name: str, **_: Any) -> None:
+        try:
+            reconciler.reconcile(_namespaced(namespace), name)
+        except kopf.PermanentError:
+            # An invalid spec, already recorded as phase Failed with an Event; the update handler reconciles
+            # again when the spec changes, and the timer keeps running for that moment.
+            return
+
+    @kopf.on.event(r.RAY_GROUP, r.RAY_VERSION, r.RAY_PLURAL, labels={"app.kubernetes.io/managed-by": r.MANAGED_BY},
+                   registry=registry)
+    def rayjob_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+        job = labels.get(r.LABEL_JOB)
+        if job:
+            reconciler.reconcile(_namespaced(namespace), job)
+
+    @kopf.on.delete(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
+    def deleted(namespace: str | None, name: str, **_: Any) -> None:
+        # Owner references make the garbage collector do the same; deleting explicitly also covers clusters
+        # (and the emulator) where it lags or is absent, and the finalizer holds the CR until it is done.
+        namespace = _namespaced(namespace)
+        for rayjob in kube.rayjobs_of(namespace, name):
+            kube.delete_rayjob(namespace, rayjob)
+        kube.delete_configmap(namespace, r.configmap_name(name))
+        reconciler.forget(namespace, name)
