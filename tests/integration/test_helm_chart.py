@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from operators.__main__ import parse_args as parse_operator_args
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "dlmoe"
 SCENARIOS = {path.name.removesuffix("-values.yaml"): path for path in sorted((CHART / "ci").glob("*-values.yaml"))}
@@ -273,6 +275,18 @@ def test_the_operator_deployment(rendered: dict[str, list[Manifest]]) -> None:
         assert container[probe]["httpGet"]["path"] == "/healthz"
         assert container_port(container, container[probe]["httpGet"]["port"]) == 8080
     assert env_value(container, "DLMOE_MLFLOW_TRACKING_URI") == IN_CHART_MLFLOW_URI
+    assert env_value(container, "DLMOE_OPERATOR_RESYNC_SECONDS") == "30"
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_operator_accepts_the_charts_command_line(rendered: dict[str, list[Manifest]], scenario: str) -> None:
+    """The chart's args go through the operator's own parser, so a renamed flag fails here, not in a crash loop."""
+    container = only_container(deployment(rendered[scenario], "operator"))
+    args = parse_operator_args(container["args"])
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    roles = of_kind(rendered[scenario], "Role")
+    assert args.all_namespaces == (not roles)
+    assert sorted(args.namespace) == sorted(r["metadata"]["namespace"] for r in roles)
 
 
 def test_the_in_chart_mlflow_server(rendered: dict[str, list[Manifest]]) -> None:
