@@ -6,6 +6,7 @@ shared by the operator and the dashboard."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ RELEASE, NAMESPACE = "dlmoe", "dlmoe-system"
 KUBERNETES_VERSION = "1.35"
 IN_CHART_MLFLOW_URI = f"http://dlmoe-mlflow.{NAMESPACE}.svc.cluster.local:5000"
 EXTERNAL_MLFLOW_URI = "https://mlflow.example.com"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 OPERATOR_RULES = {
     ("dlmoe.io", "diffusiontrainingjobs"): {"get", "list", "watch", "patch", "update"},
@@ -79,7 +81,7 @@ def component(manifests: list[Manifest], name: str) -> list[Manifest]:
 
 
 def deployment(manifests: list[Manifest], name: str) -> Manifest:
-    (found,) = [m for m in of_kind(manifests, "Deployment") if m["metadata"]["name"] == f"{RELEASE}-{name}"]
+    (found,) = of_kind(component(manifests, name), "Deployment")
     return found
 
 
@@ -110,7 +112,7 @@ def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
 
 def test_the_scenarios_cover_both_modes_and_every_mlflow_and_dashboard_choice() -> None:
     assert {"default", "namespaced-mode", "cluster-mode", "external-mlflow", "dashboard-off",
-            "mlflow-persistence-off", "mlflow-existing-claim"} <= set(SCENARIOS), sorted(SCENARIOS)
+            "mlflow-persistence-off", "mlflow-existing-claim", "long-names"} <= set(SCENARIOS), sorted(SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -132,6 +134,16 @@ def test_every_object_is_valid_kubernetes(rendered: dict[str, list[Manifest]], s
         except kubernetes_validate.SchemaNotFoundError as error:
             errors.append(f"{m['kind']}/{m['metadata'].get('name')}: {error}")
     assert not errors, f"ci/{scenario}-values.yaml renders invalid objects:\n" + "\n".join(errors)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_names_and_labels_fit_kubernetes_limits(rendered: dict[str, list[Manifest]], scenario: str) -> None:
+    """The schemas do not check lengths; the API server refuses a Service name or label value over 63."""
+    for m in rendered[scenario]:
+        if m["kind"] != "CustomResourceDefinition":
+            assert DNS_LABEL.match(m["metadata"]["name"]), f"ci/{scenario}-values.yaml: {m['kind']} {m['metadata']}"
+        for key, value in m["metadata"].get("labels", {}).items():
+            assert len(value) <= 63, f"ci/{scenario}-values.yaml: {m['kind']}/{m['metadata']['name']} label {key}"
 
 
 def test_the_crd_is_rendered_and_structural(rendered: dict[str, list[Manifest]]) -> None:
