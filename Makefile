@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint unit bench clean helm
+.PHONY: train test lint unit bench clean helm browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/dlmoe train
 
-test: $(STAMP) lint helm
+test: $(STAMP) lint helm browser
 	$(BIN)/pytest
 
 unit: $(STAMP)
@@ -23,6 +23,10 @@ unit: $(STAMP)
 # The chart tests run the real helm: the one on the PATH, else helm v4 fetched into .tools/ (DESIGN.md §5).
 helm:
 	@command -v helm >/dev/null 2>&1 || test -x .tools/helm || $(PYTHON) .ci/fetch_helm.py .tools
+
+# The dashboard's e2e test drives Debian's chromium headless through playwright (DESIGN.md §5).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -170,6 +170,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    from dlmoe.monitor.dashboard import serve
+    from dlmoe.tracking import default_tracking_uri
+
+    if args.imbalance_threshold <= 1.0:
+        raise DlmoeError(f"--imbalance-threshold is a max/mean token share and must exceed 1 (1 is perfect "
+                         f"balance), got {args.imbalance_threshold}")
+    try:
+        serve(default_tracking_uri(args.tracking_uri), args.host, args.port, args.imbalance_threshold)
+    except OSError as exc:
+        raise DlmoeError(f"the dashboard cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    except KeyboardInterrupt:
+        print("dlmoe dashboard: stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlmoe", description="Train LLaDA-MoE masked-diffusion models.")
     parser.add_argument("--version", action="version", version=f"dlmoe {__version__}")
@@ -234,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--unit-mb", type=float, default=32.0, help="input MiB per shard-writing task (default 32)")
     tok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok.set_defaults(func=_tokenize)
+
+    dash = sub.add_parser("dashboard", help="the expert-load dashboard: a read-only web app over an MLflow store")
+    dash.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8265, help="port (default 8265; 0 picks a free one)")
+    dash.add_argument("--imbalance-threshold", type=float, default=2.0,
+                      help="flag a run whose max/mean expert token share exceeds this (default 2.0)")
+    dash.set_defaults(func=_dashboard)
 
     data = sub.add_parser("data", help="inspect and verify tokenized datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,131 @@
+"""The whole monitoring path: `dlmoe train` logs a real run of the `debug` flavor into a real MLflow server,
+`dlmoe dashboard` serves it, and headless Chromium (Debian's, driven by playwright) looks at it — the heatmap's
+layers × experts cells, the slider over the logged steps, the mask-ratio view, and a deliberately imbalanced
+synthetic run flagged in the runs list. Screenshots are saved in the test's output folder for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.local_s3 import free_port, wait_until_listening
+from dlmoe.model import build_model, get_flavor
+from dlmoe.model.moe import MoEBlock
+from tests.synthetic_runs import balanced_counts, imbalanced_counts, log_run
+
+CHROMIUM = Path("/usr/bin/chromium")
+# As root on a closed network: no sandbox, and none of Chromium's own background connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STEPS, EVERY, BINS = 6, 2, 5
+
+
+@pytest.fixture(scope="module")
+def trained_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`dlmoe train` of the debug flavor, expert load logged every 2 steps; returns its run name."""
+    work = tmp_path_factory.mktemp("train")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dlmoe.cli", "train", f"train.steps={STEPS}", "train.warmup_steps=2",
+         f"train.log_every={EVERY}", f"monitor.expert_load_every={EVERY}", f"monitor.mask_buckets={BINS}",
+         "parallel.num_workers=1", "parallel.ep_size=1", "export.enabled=false", "run_name=e2e-debug",
+         f"tracking.uri={mlflow_server}", "checkpoint.storage=runs", "--no-progress"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, f"dlmoe train failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return "e2e-debug"
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(mlflow_server: str, trained_run: str) -> Iterator[str]:
+    log_run(mlflow_server, "imbalanced-synthetic", imbalanced_counts(), skew_growth=0.5)
+    log_run(mlflow_server, "balanced-synthetic", balanced_counts())
+    port = free_port()
+    dlmoe = shutil.which("dlmoe", path=str(Path(sys.executable).parent))
+    assert dlmoe, "the dlmoe console script is not installed next to this Python"
+    proc = subprocess.Popen([dlmoe, "dashboard", "--tracking-uri", mlflow_server, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_listening(port, proc, "dlmoe dashboard", timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=20)[0]
+        assert "Traceback" not in output, output
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: `make browser` installs Debian's chromium"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+def test_dashboard_in_headless_chromium(dashboard_url: str, browser: object, tmp_path: Path) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    page.goto(dashboard_url)
+    flag = page.locator('tr[data-run-name="imbalanced-synthetic"] [data-testid="balance-flag"]')
+    expect(flag).to_have_attribute("data-state", "imbalanced")
+    expect(page.locator('tr[data-run-name="balanced-synthetic"] [data-testid="balance-flag"]')).to_have_attribute(
+        "data-state", "balanced")
+    page.screenshot(path=tmp_path / "runs.png", full_page=True)
+
+    page.get_by_role("link", name="e2e-debug", exact=True).click()
+    heatmap = page.get_by_test_id("expert-heatmap")
+    expect(heatmap).to_be_visible()
+    model = build_model(get_flavor("debug"), device="meta")
+    moe_layers = sum(isinstance(m, MoEBlock) for m in model.modules())
+    experts = get_flavor("debug").num_experts
+    expect(heatmap.locator("[data-layer][data-expert]")).to_have_count(moe_layers * experts)
+    cell = heatmap.locator('[data-layer="0"][data-expert="0"]')
+    expect(cell).to_have_css("background-color", _not_default())
+    expect(page.get_by_test_id("step-label")).to_have_text(str(STEPS))
+    expect(page.get_by_test_id("mask-ratio-heatmap")).to_have_count(BINS)
+    expect(page.get_by_test_id("loss-chart")).to_be_visible()
+    expect(page.get_by_test_id("imbalance-chart").locator("polyline")).to_have_count(moe_layers)
+    page.screenshot(path=tmp_path / "run-newest-step.png", full_page=True)
+
+    newest_title = cell.get_attribute("title")
+    slider = page.get_by_test_id("step-slider")
+    slider.focus()
+    page.keyboard.press("Home")  # the first logged step; the page fetches it and repaints
+    expect(page.get_by_test_id("step-label")).to_have_text(str(EVERY))
+    expect(page.locator("#window-label")).to_have_text(f"window: steps 1–{EVERY}")
+    assert page.url.endswith(f"?step={EVERY}")
+    assert cell.get_attribute("title") != newest_title
+    page.screenshot(path=tmp_path / "run-first-step.png", full_page=True)
+
+    page.goto(dashboard_url)
+    page.get_by_role("link", name="imbalanced-synthetic", exact=True).click()
+    expect(page.get_by_test_id("dead-experts")).to_contain_text("layer 1: expert 7")
+    expect(page.get_by_test_id("balance-flag")).to_have_attribute("data-state", "imbalanced")
+    page.screenshot(path=tmp_path / "imbalanced.png", full_page=True)
+
+    page.goto(f"{dashboard_url}/runs/{'0' * 32}")
+    expect(page.get_by_test_id("error")).to_contain_text("No run with id")
+    assert errors == [], f"the page raised: {errors}"
+    print(f"screenshots in {tmp_path}")
+
+
+def _not_default() -> object:
+    import re
+
+    return re.compile(r"^rgb\((?!238, 238, 238\)).*")  # painted by the page's script, not the CSS placeholder
