@@ -5,10 +5,12 @@ shared by the operator and the dashboard."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from data_pipeline.local_s3 import free_port, wait_until_listening
 from operators.__main__ import parse_args as parse_operator_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -320,6 +323,39 @@ def test_the_in_chart_mlflow_server(rendered: dict[str, list[Manifest]]) -> None
     (data,) = [v for v in server["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
     assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+
+
+def request_status(port: int, path: str, host: str) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_the_charts_mlflow_command_runs_and_admits_the_service_host(rendered: dict[str, list[Manifest]],
+                                                                      tmp_path: Path) -> None:
+    """The rendered command line, run by the real MLflow of this environment (the same 3.x as the chart's image),
+    with only the pod's paths and port moved here: it must start, answer a training pod that calls it by the
+    Service's full name, refuse an unknown Host (its DNS-rebinding guard) and keep /health open to the kubelet."""
+    container = only_container(deployment(rendered["default"], "mlflow"))
+    port = free_port()
+    local = {"0.0.0.0": "127.0.0.1", "5000": str(port), "sqlite:////data/mlflow.db": f"sqlite:///{tmp_path}/mlflow.db",
+             "/data/artifacts": str(tmp_path / "artifacts")}
+    assert container["command"][0] == "mlflow"
+    command = [sys.executable, "-m", "mlflow", *container["command"][1:], *(local.get(a, a) for a in container["args"])]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_listening(port, proc, "mlflow server", timeout=120)
+        search = "/api/2.0/mlflow/experiments/search?max_results=1"
+        assert request_status(port, search, f"dlmoe-mlflow.{NAMESPACE}.svc.cluster.local:5000") == 200
+        assert request_status(port, search, "dlmoe-mlflow:5000") == 200
+        assert request_status(port, search, "attacker.example.com") == 403
+        assert request_status(port, "/health", "10.1.2.3:5000") == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_mlflow_without_persistence_uses_an_empty_dir(rendered: dict[str, list[Manifest]]) -> None:
