@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from data_pipeline.local_s3 import free_port, wait_until_listening
+from dlmoe.cli import build_parser as build_dlmoe_parser
 from operators.__main__ import parse_args as parse_operator_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -398,6 +399,14 @@ def test_the_dashboard_runs_against_the_charts_mlflow(rendered: dict[str, list[M
     (service,) = [s for s in of_kind(manifests, "Service") if s["metadata"]["name"] == "dlmoe-dashboard"]
     (port,) = service["spec"]["ports"]
     assert port["port"] == 8265 and container_port(container, port["targetPort"]) == 8265
+
+
+def test_dlmoe_accepts_the_charts_dashboard_command(rendered: dict[str, list[Manifest]]) -> None:
+    container = only_container(deployment(rendered["default"], "dashboard"))
+    assert container["command"][0] == "dlmoe"
+    args = build_dlmoe_parser().parse_args([*container["command"][1:], *container["args"]])
+    assert (args.command, args.tracking_uri, args.host, args.port) == (
+        "dashboard", IN_CHART_MLFLOW_URI, "0.0.0.0", 8265)
 
 
 def test_the_dashboard_is_absent_when_disabled(rendered: dict[str, list[Manifest]]) -> None:
