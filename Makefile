@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,operator]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,operator,eval]'
 	touch $(STAMP)
 
 train: $(STAMP)
