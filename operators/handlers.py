@@ -43,8 +43,13 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
-        kube.load_config()
         progress.configure_client()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # A registry of our own has none of kopf's implicit logins; kopf logs in with the credentials the
+        # kubernetes client uses for operators/kube.py.
+        return kube.connection_info()
 
     @kopf.on.create(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
     @kopf.on.resume(r.GROUP, r.VERSION, r.PLURAL, registry=registry)

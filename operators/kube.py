@@ -6,12 +6,18 @@ the reconciler never inspects HTTP codes.
 
 from __future__ import annotations
 
+import os
 from typing import Any, cast
 
+import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from operators.render import GROUP, LABEL_JOB, PLURAL, RAY_GROUP, RAY_PLURAL, RAY_VERSION, VERSION
+
+# The generated client's default patch type for core resources is a JSON patch (a list of operations); our patches
+# are partial objects, so every patch names its type.
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class KubeRayMissing(RuntimeError):
@@ -22,12 +28,27 @@ class InputMissing(LookupError):
     """A ConfigMap, Secret or key the spec refers to does not exist (yet); the message names it."""
 
 
-def load_config() -> None:
-    """In a pod, the service account; elsewhere, the kubeconfig (``KUBECONFIG`` or ~/.kube/config)."""
+def load_config() -> client.Configuration:
+    """In a pod, the service account; elsewhere, the kubeconfig (``KUBECONFIG`` or ~/.kube/config). Returns the
+    configuration now in force, which kopf's login also reads (operators/handlers.py)."""
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+        # KUBECONFIG is read now: the client's own default was fixed when it was first imported.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # type: ignore[no-untyped-call]
+    return client.Configuration.get_default_copy()
+
+
+def connection_info() -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration as the client's: one source for both API users."""
+    found = load_config()
+    header = found.get_api_key_with_prefix("BearerToken") or found.get_api_key_with_prefix("authorization")
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=found.host, ca_path=found.ssl_ca_cert, insecure=not found.verify_ssl,
+        username=found.username or None, password=found.password or None,
+        scheme=scheme or None, token=token or None,
+        certificate_path=found.cert_file, private_key_path=found.key_file)
 
 
 def _custom() -> client.CustomObjectsApi:
@@ -48,11 +69,13 @@ def get_job(namespace: str, name: str) -> dict[str, Any] | None:
 
 
 def patch_job_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": patch})
+    _custom().patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": patch},
+                                                    _content_type=MERGE_PATCH)
 
 
 def patch_job_spec(namespace: str, name: str, patch: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": patch})
+    _custom().patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": patch},
+                                             _content_type=MERGE_PATCH)
 
 
 def configmap_text(namespace: str, name: str, key: str, field: str) -> str:
@@ -89,7 +112,8 @@ def apply_configmap(namespace: str, body: dict[str, Any]) -> None:
     except ApiException as exc:
         if exc.status != 409:
             raise
-        _core().patch_namespaced_config_map(body["metadata"]["name"], namespace, {"data": body["data"]})
+        _core().patch_namespaced_config_map(body["metadata"]["name"], namespace, {"data": body["data"]},
+                                            _content_type=MERGE_PATCH)
 
 
 def delete_configmap(namespace: str, name: str) -> None:
