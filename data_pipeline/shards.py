@@ -25,6 +25,8 @@ from dlmoe.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# The held-out set `dlmoe tokenize --validation-fraction` carves: a dataset of its own inside the training one.
+HELDOUT_FOLDER = "validation"
 KINDS = ("pretrain", "sft")
 
 

@@ -6,7 +6,9 @@ unit spreads over the cluster): read the unit's documents → tokenize them (``e
 separated by EOS, into full rows → write the shard. What a unit leaves over (less than one row) comes back to the
 driver with the shard's metadata; the leftovers are packed, in unit order, into a last shard whose final row is
 padded with EOS. So no token is dropped, a document longer than a row is split across rows, and the output is
-byte-identical for the same input whatever the cluster size. SFT data makes one row per example instead
+byte-identical for the same input whatever the cluster size. With a validation fraction, each document whose
+text hashes below it goes instead to a held-out dataset of the same layout in the ``validation/`` folder (what
+``data.validation=heldout`` evaluates). SFT data makes one row per example instead
 (``prompt_len`` column; response padded with EOS); an example longer than ``seq_len`` cannot be split and is
 skipped, counted in the manifest and reported.
 
@@ -34,6 +36,7 @@ from tqdm import tqdm
 from data_pipeline import storage
 from data_pipeline.ray_jobs import ensure_ray
 from data_pipeline.shards import (
+    HELDOUT_FOLDER,
     MANIFEST_FILE,
     Manifest,
     ShardInfo,
@@ -46,6 +49,7 @@ from data_pipeline.tokenizers import SpecialIds, Tokenizer, byte_tokenizer, load
 from dlmoe.errors import DataError
 
 FORMATS = ("text", "jsonl", "parquet")
+TRAIN = "train"
 _SUFFIXES: dict[str, tuple[str, ...]] = {"text": (), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
 
@@ -72,6 +76,7 @@ class TokenizeSpec:
     overwrite: bool = False
     endpoint_url: str | None = None
     unit_bytes: int = 32 * 2**20
+    validation_fraction: float = 0.0
 
 
 @dataclass
@@ -168,8 +173,20 @@ def _tokenizer_from(spec: dict[str, Any]) -> Tokenizer:
     return Tokenizer(Backend.from_str(spec["tokenizer_json"]), SpecialIds(**spec["special"]), spec["tokenizer_name"])
 
 
+def held_out(document: str | tuple[str, str], fraction: float) -> bool:
+    """Whether a document goes to the held-out set: the hash of its text, read as a number in [0, 1), falls below
+    ``fraction``. The split depends on nothing but the text — not the file order, the unit or the cluster — and a
+    document repeated in the corpus lands on the same side every time, so no copy of a validation text is trained."""
+    if fraction <= 0.0:
+        return False
+    text = document if isinstance(document, str) else "\x00".join(document)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
 def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One Ray Data batch = one unit: read → tokenize → pack → write its shard; return metadata and leftovers.
+    """One Ray Data batch = one unit: read → tokenize → pack → write its shards (training and held-out); return
+    their metadata and leftovers, one row per part.
 
     A ``DataError`` (a file that cannot be read or parsed) comes back in the ``error`` column for the driver to
     raise, so the user sees our message rather than Ray's wrapper of it.
@@ -178,25 +195,41 @@ def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[st
     try:
         return _pack_unit(index, json.loads(str(batch["files"][0])), spec)
     except DataError as exc:
-        return {"unit": np.asarray([index]), "documents": np.asarray([0]), "skipped": np.asarray([0]),
-                "shard": np.asarray(["null"]), "tail": np.asarray([b""], dtype=object),
+        return {"unit": np.asarray([index]), "part": np.asarray([""]), "documents": np.asarray([0]),
+                "skipped": np.asarray([0]), "shard": np.asarray(["null"]), "tail": np.asarray([b""], dtype=object),
                 "error": np.asarray([str(exc)])}
 
 
 def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
     tokenizer = _tokenizer_from(spec)
+    root = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
+    documents = [doc for uri in files for doc in _documents(uri, spec)]
+    parts = {TRAIN: [d for d in documents if not held_out(d, spec["validation_fraction"])],
+             HELDOUT_FOLDER: [d for d in documents if held_out(d, spec["validation_fraction"])]}
+    packed = [_pack(index, part_documents, tokenizer, root if part == TRAIN else root.child(part), spec)
+              for part, part_documents in parts.items()]
+    return {
+        "unit": np.asarray([index] * len(parts)), "part": np.asarray(list(parts)),
+        "documents": np.asarray([len(d) for d in parts.values()]),
+        "skipped": np.asarray([p[1] for p in packed]),
+        "shard": np.asarray([json.dumps(None if p[0] is None else p[0].__dict__) for p in packed]),
+        "tail": np.asarray([p[2].tobytes() for p in packed], dtype=object), "error": np.asarray([""] * len(parts)),
+    }
+
+
+def _pack(index: int, documents: list[Any], tokenizer: Tokenizer, folder: storage.Location,
+          spec: dict[str, Any]) -> tuple[ShardInfo | None, int, np.ndarray]:
+    """Pack one part's documents into shard ``index`` of ``folder``: (its info or None, SFT examples skipped,
+    the tokens left over)."""
     eos, seq_len = tokenizer.special.eos, spec["seq_len"]
-    folder = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
     skipped = 0
     tail = np.zeros(0, dtype=np.int32)
     info: ShardInfo | None = None
-    # One encode_batch over the whole unit: the tokenizer parallelises across documents only within a call.
-    documents_of_unit = [doc for uri in files for doc in _documents(uri, spec)]
-    documents = len(documents_of_unit)
     if spec["sft"]:
         rows, prompt_lens = [], []
-        prompts = tokenizer.encode_batch([p for p, _ in documents_of_unit])
-        responses = tokenizer.encode_batch([r for _, r in documents_of_unit])
+        # One encode_batch over the whole unit: the tokenizer parallelises across documents only within a call.
+        prompts = tokenizer.encode_batch([p for p, _ in documents])
+        responses = tokenizer.encode_batch([r for _, r in documents])
         for prompt, response in zip(prompts, responses, strict=True):
             if len(prompt) + len(response) + 1 > seq_len:
                 skipped += 1
@@ -206,32 +239,29 @@ def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, 
         if rows:
             info = write_shard(folder, shard_name(index), np.asarray(rows, dtype=np.int32),
                                np.asarray(prompt_lens, dtype=np.int32))
-    else:
-        encoded = tokenizer.encode_batch(documents_of_unit)
-        lengths = np.asarray([len(ids) + 1 for ids in encoded], dtype=np.int64)
-        stream = np.full(int(lengths.sum()), eos, dtype=np.int32)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if documents else np.zeros(0, dtype=np.int64)
-        for start, ids in zip(offsets.tolist(), encoded, strict=True):
-            stream[start:start + len(ids)] = ids
-        full = stream.size // seq_len
-        if full:
-            info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len))
-        tail = stream[full * seq_len:]
-    return {
-        "unit": np.asarray([index]), "documents": np.asarray([documents]), "skipped": np.asarray([skipped]),
-        "shard": np.asarray([json.dumps(None if info is None else info.__dict__)]),
-        "tail": np.asarray([tail.tobytes()], dtype=object), "error": np.asarray([""]),
-    }
+        return info, skipped, tail
+    encoded = tokenizer.encode_batch(documents)
+    lengths = np.asarray([len(ids) + 1 for ids in encoded], dtype=np.int64)
+    stream = np.full(int(lengths.sum()), eos, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if documents else np.zeros(0, dtype=np.int64)
+    for start, ids in zip(offsets.tolist(), encoded, strict=True):
+        stream[start:start + len(ids)] = ids
+    full = stream.size // seq_len
+    if full:
+        info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len))
+    return info, skipped, stream[full * seq_len:]
 
 
 def _settings_fingerprint(spec: TokenizeSpec, files: list[tuple[str, int]], tokenizer: Tokenizer) -> str:
     settings = {"files": files, "seq_len": spec.seq_len, "fmt": spec.fmt, "text_field": spec.text_field,
-                "sft": spec.sft, "tokenizer": tokenizer.fingerprint, "unit_bytes": spec.unit_bytes}
+                "sft": spec.sft, "tokenizer": tokenizer.fingerprint, "unit_bytes": spec.unit_bytes,
+                **({"validation_fraction": spec.validation_fraction} if spec.validation_fraction else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
-    """Run the tokenize job and return the manifest of the dataset written at ``spec.output``."""
+    """Run the tokenize job and return the manifest of the dataset written at ``spec.output`` (with
+    ``validation_fraction``, the held-out set is a dataset of its own in its ``validation/`` folder)."""
     import ray.data
 
     if spec.seq_len <= 1:
@@ -240,6 +270,8 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{spec.fmt}'")
     if spec.sft and spec.fmt != "jsonl":
         raise DataError("SFT data (--sft) is read from jsonl files (prompt/response or chat messages)")
+    if not 0.0 <= spec.validation_fraction < 1.0:
+        raise DataError(f"--validation-fraction must be in [0, 1), got {spec.validation_fraction}")
     tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else byte_tokenizer()
     files = _list_inputs(spec)
     fingerprint = _settings_fingerprint(spec, files, tokenizer)
@@ -254,6 +286,9 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
                             f"{existing.seq_len} tokens from {len(existing.source)} inputs); pass --overwrite "
                             f"to replace it")
         storage.delete(manifest_loc)
+    held_manifest = folder.child(HELDOUT_FOLDER).child(MANIFEST_FILE)
+    if storage.exists(held_manifest):
+        storage.delete(held_manifest)
 
     units = plan_units(files, spec.unit_bytes)
     worker_spec = {
@@ -261,24 +296,42 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
         "fmt": spec.fmt, "text_field": spec.text_field, "sft": spec.sft,
         "tokenizer_json": tokenizer.backend.to_str(), "tokenizer_name": tokenizer.name,
         "special": {"eos": tokenizer.special.eos, "pad": tokenizer.special.pad, "mask": tokenizer.special.mask},
+        "validation_fraction": spec.validation_fraction,
     }
     ensure_ray()
     items = ray.data.from_items([{"unit": u.index, "files": json.dumps(u.files)} for u in units],
                                 override_num_blocks=len(units))
     dataset = items.map_batches(functools.partial(_process_unit, spec=worker_spec), batch_size=1, batch_format="numpy")
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[tuple[str, int], dict[str, Any]] = {}
     with tqdm(total=len(units), desc=f"tokenize → {spec.output}", unit="unit", disable=not progress) as bar:
         for row in dataset.iter_rows():
             if row["error"]:
                 raise DataError(str(row["error"]))
-            results[int(row["unit"])] = row
-            bar.update(1)
+            results[str(row["part"]), int(row["unit"])] = row
+            bar.update(row["part"] == TRAIN)
 
+    assemble = functools.partial(_assemble, spec=spec, tokenizer=tokenizer, files=files, fingerprint=fingerprint,
+                                 units=len(units))
+    if spec.validation_fraction:
+        held = assemble(folder.child(HELDOUT_FOLDER), [results[HELDOUT_FOLDER, i] for i in range(len(units))])
+        if held is None:
+            raise DataError(f"no document of {spec.output}'s corpus fell in the held-out fraction "
+                            f"{spec.validation_fraction:g}; raise --validation-fraction")
+    manifest = assemble(folder, [results[TRAIN, i] for i in range(len(units))])
+    if manifest is None:
+        raise DataError(f"the corpus ({len(files)} files) holds no documents"
+                        + (" outside the held-out fraction" if spec.validation_fraction else ""))
+    return manifest
+
+
+def _assemble(folder: storage.Location, rows: list[dict[str, Any]], *, spec: TokenizeSpec, tokenizer: Tokenizer,
+              files: list[tuple[str, int]], fingerprint: str, units: int) -> Manifest | None:
+    """Pack the units' leftovers into a last shard and write the manifest of one part (training or held-out),
+    last; None when the part got no document."""
     shards: list[ShardInfo] = []
     documents = skipped = 0
     tails = []
-    for index in range(len(units)):
-        row = results[index]
+    for row in rows:
         documents += int(row["documents"])
         skipped += int(row["skipped"])
         shard = json.loads(str(row["shard"]))
@@ -286,14 +339,14 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
             shards.append(ShardInfo(**shard))
         tails.append(np.frombuffer(row["tail"], dtype=np.int32))
     if documents == 0:
-        raise DataError(f"the corpus ({len(files)} files) holds no documents")
+        return None
     leftover = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
     padded = (-leftover.size) % spec.seq_len
     if leftover.size:
-        rows = np.concatenate([leftover, np.full(padded, tokenizer.special.eos, dtype=np.int32)])
-        shards.append(write_shard(folder, shard_name(len(units)), rows.reshape(-1, spec.seq_len)))
+        packed = np.concatenate([leftover, np.full(padded, tokenizer.special.eos, dtype=np.int32)])
+        shards.append(write_shard(folder, shard_name(units), packed.reshape(-1, spec.seq_len)))
     if not shards:
-        raise DataError(f"no SFT example fits in seq_len {spec.seq_len} ({skipped} skipped)")
+        raise DataError(f"no SFT example of {folder.uri} fits in seq_len {spec.seq_len} ({skipped} skipped)")
     manifest = Manifest(
         kind="sft" if spec.sft else "pretrain", seq_len=spec.seq_len,
         tokenizer={"name": tokenizer.name, "fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,

@@ -100,16 +100,73 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dlmoe.diffusion import GenerationSettings
+    from dlmoe.evaluation import load_for_eval
+    from dlmoe.evaluation.runner import EvalRequest, check_tasks, list_tasks, log_results, resolve_run, run_evaluation
+    from dlmoe.tracking import default_tracking_uri
+
+    if args.list_tasks:
+        print("\n".join(list_tasks(args.include_path)))
+        return 0
+    if args.model_dir is None or args.tasks is None:
+        raise DlmoeError("dlmoe eval needs MODEL_DIR and --tasks (or --list-tasks)")
+    settings = GenerationSettings(
+        gen_length=args.gen_length, block_length=args.block_length,
+        steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
+        temperature=args.temperature, seed=args.seed)
+    request = EvalRequest(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], generation=settings,
+                          jsonl=args.jsonl, limit=args.limit, mc_samples=args.mc_samples,
+                          mc_batch_size=args.mc_batch_size, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                          include_path=args.include_path, check_greedy=not args.no_greedy_check,
+                          progress=not args.no_progress)
+    manager = check_tasks(request)
+    loaded = load_for_eval(args.model_dir, device=args.device)
+    tracking_uri = default_tracking_uri(args.tracking_uri)
+    # Without a tracking URI or run id, a missing default store means there is no run to find: do not create one.
+    local_default = args.tracking_uri is None and tracking_uri.startswith("sqlite:///") and \
+        not Path(tracking_uri.removeprefix("sqlite:///")).exists()
+    run_id = None if local_default and args.run_id is None else resolve_run(tracking_uri, args.run_id, loaded)
+    document = run_evaluation(loaded, request, manager)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(document, indent=2))
+    if run_id is not None:
+        document["mlflow"] = {"tracking_uri": tracking_uri, "run_id": run_id,
+                              "artifact": log_results(tracking_uri, run_id, document)}
+    if args.json:
+        print(json.dumps(document, indent=2))
+        return 0
+    for task, metrics in document["tasks"].items():
+        for metric, value in metrics.items():
+            print(f"{task:<24} {metric:<28} {value:.4f}")
+    if "mlflow" in document:
+        print(f"logged to MLflow run {run_id} at {tracking_uri} ({document['mlflow']['artifact']})", file=sys.stderr)
+    else:
+        print("not logged to MLflow: the folder names no training run found there (--run-id, --tracking-uri)",
+              file=sys.stderr)
+    return 0
+
+
 def _tokenize(args: argparse.Namespace) -> int:
     from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 
     spec = TokenizeSpec(output=args.output, seq_len=args.seq_len, inputs=args.input or [], tokenizer=args.tokenizer,
                         fmt=args.format, text_field=args.text_field, sft=args.sft, overwrite=args.overwrite,
-                        endpoint_url=args.endpoint_url, unit_bytes=int(args.unit_mb * 2**20))
+                        endpoint_url=args.endpoint_url, unit_bytes=int(args.unit_mb * 2**20),
+                        validation_fraction=args.validation_fraction)
     manifest = run_tokenize(spec, progress=not args.no_progress)
     print(f"{args.output}: {manifest.rows} rows of {manifest.seq_len} tokens ({manifest.tokens} tokens) in "
           f"{len(manifest.shards)} shards from {manifest.stats.get('documents', 0)} documents "
           f"({len(manifest.source)} files); tokenizer {manifest.tokenizer['name']}")
+    if args.validation_fraction:
+        from data_pipeline.shards import HELDOUT_FOLDER, read_manifest
+
+        held_uri = f"{args.output.rstrip('/')}/{HELDOUT_FOLDER}"
+        held = read_manifest(held_uri, endpoint_url=args.endpoint_url)
+        print(f"{held_uri}: held out {held.rows} rows from {held.stats.get('documents', 0)} documents "
+              f"(data.validation=heldout evaluates it)")
     if manifest.stats.get("sft_examples_too_long"):
         print(f"warning: {manifest.stats['sft_examples_too_long']} SFT examples longer than seq_len "
               f"{manifest.seq_len} were skipped", file=sys.stderr)
@@ -222,6 +279,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     gen.set_defaults(func=_generate)
 
+    ev = sub.add_parser("eval", help="score a saved model folder: lm-evaluation-harness tasks, the JSONL quick check")
+    ev.add_argument("model_dir", nargs="?", default=None, help="a folder written by dlmoe export, with its tokenizer")
+    ev.add_argument("--tasks", default=None, metavar="T1,T2",
+                    help="comma-separated: 'quick' (exact match on --jsonl) and lm_eval task names")
+    ev.add_argument("--jsonl", default=None, metavar="PATH", help='the quick check\'s {"prompt", "answer"} lines')
+    ev.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm_eval tasks")
+    ev.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm_eval task YAMLs")
+    ev.add_argument("--list-tasks", action="store_true", help="print every task name and exit")
+    ev.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
+    ev.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    ev.add_argument("--steps", type=int, default=None,
+                    help="forward passes in all for low-confidence remasking (default: gen-length)")
+    ev.add_argument("--threshold", type=float, default=None,
+                    help="confidence-threshold parallel decoding: commit every token above it (e.g. 0.9)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature (default 0)")
+    ev.add_argument("--mc-samples", type=int, default=64, help="Monte-Carlo draws per log-likelihood (default 64)")
+    ev.add_argument("--mc-batch-size", type=int, default=32, help="draws per forward pass (default 32)")
+    ev.add_argument("--no-greedy-check", action="store_true",
+                    help="skip decoding continuations to answer lm_eval's is_greedy (then always false)")
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampling and Monte-Carlo noise")
+    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ev.add_argument("--output-json", default=None, metavar="PATH", help="write the results document here")
+    ev.add_argument("--tracking-uri", default=None,
+                    help="MLflow holding the checkpoint's run (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    ev.add_argument("--run-id", default=None, help="log into this MLflow run (default: the folder's training run)")
+    ev.add_argument("--json", action="store_true", help="print the results document")
+    ev.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    ev.set_defaults(func=_eval)
+
     exp = sub.add_parser("export", help="a training checkpoint (any expert-parallel size) → a Hugging Face folder")
     exp.add_argument("source", help="a checkpoint folder, or a run folder {checkpoint.storage}/{run_name} (its newest "
                                     "checkpoint that verifies); local or s3://")
@@ -248,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--overwrite", action="store_true", help="replace a different dataset at --output")
     tok.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL)")
     tok.add_argument("--unit-mb", type=float, default=32.0, help="input MiB per shard-writing task (default 32)")
+    tok.add_argument("--validation-fraction", type=float, default=0.0, metavar="F",
+                     help="hold out this fraction of the documents (chosen by a hash of their text) as a dataset "
+                          "of its own in OUTPUT/validation (data.validation=heldout)")
     tok.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tok.set_defaults(func=_tokenize)
 

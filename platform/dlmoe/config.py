@@ -20,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from dlmoe.errors import ConfigError
 from dlmoe.model.config import ModelConfig, get_flavor
 
+HELDOUT = "heldout"
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = REPO_ROOT / "jobs"
 DEFAULT_JOB = JOBS_DIR / "debug.yaml"
@@ -73,7 +75,17 @@ class DataConfig:
     seed: int = 1234
     tokenizer: str = "byte"
     endpoint_url: str = ""  # S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default
-    validation: str = ""    # a held-out tokenized dataset, evaluated every train.eval_every steps
+    validation: str = ""    # a held-out tokenized dataset, or `heldout`: the one carved beside data.uri
+
+    @property
+    def validation_uri(self) -> str:
+        """The validation dataset: ``validation``, where ``heldout`` names the held-out set that
+        ``dlmoe tokenize --validation-fraction`` carved inside the training dataset at ``uri``."""
+        if self.validation != HELDOUT:
+            return self.validation
+        from data_pipeline.shards import HELDOUT_FOLDER
+
+        return f"{self.uri.rstrip('/')}/{HELDOUT_FOLDER}"
 
 
 @dataclass
@@ -121,9 +133,15 @@ class FaultInjectionConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints every ``every_steps`` under ``{storage}/{run_name}/``. Ray Train keeps ``num_to_keep`` of them:
+    the newest, or with ``score_attribute`` (``val_loss`` or ``loss``) the best by ``score_order`` — and always
+    the newest as well, which a restart resumes from."""
+
     storage: str = "runs"
     every_steps: int = 100
     num_to_keep: int = 2
+    score_attribute: str = ""
+    score_order: str = "min"
     sigterm_grace_s: float = 25.0  # how long a worker given SIGTERM may take to reach a checkpoint
 
 
@@ -203,7 +221,8 @@ class JobConfig:
 
         def choice(key: str, value: str, options: tuple[str, ...]) -> None:
             if value not in options:
-                fail(key, f"must be one of {', '.join(options)}; got '{value}'")
+                shown = ", ".join(option or "'' (none)" for option in options)
+                fail(key, f"must be one of {shown}; got '{value}'")
 
         def positive(key: str, value: float) -> None:
             if value <= 0:
@@ -253,6 +272,16 @@ class JobConfig:
             fail("train.eval_every", "validation needs a held-out dataset in data.validation")
         if d.validation and not t.eval_every:
             fail("data.validation", "set train.eval_every to say how often to evaluate it")
+        if d.validation == HELDOUT and not d.uri:
+            fail("data.validation", "'heldout' is the held-out set dlmoe tokenize --validation-fraction carves inside "
+                                    "the dataset at data.uri; the embedded default corpus has none: set data.uri")
+        c = self.checkpoint
+        choice("checkpoint.score_attribute", c.score_attribute, ("", "val_loss", "loss"))
+        choice("checkpoint.score_order", c.score_order, ("min", "max"))
+        if c.score_attribute == "val_loss" and (not t.eval_every or c.every_steps % t.eval_every):
+            fail("checkpoint.score_attribute", f"keeping checkpoints by val_loss needs a validation loss at every "
+                                               f"checkpoint: checkpoint.every_steps ({c.every_steps}) must be a "
+                                               f"multiple of train.eval_every ({t.eval_every})")
         if d.seq_len > m.max_position_embeddings:
             fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
         if d.global_batch_size % p.num_workers != 0:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from data_pipeline import storage
-from data_pipeline.shards import decode_shard, read_manifest, table_arrays
+from data_pipeline.shards import HELDOUT_FOLDER, decode_shard, read_manifest, table_arrays
 from data_pipeline.stream import TokenStream, epoch_windows, window_permutation
-from data_pipeline.tokenize import TokenizeSpec, run_tokenize
+from data_pipeline.tokenize import TokenizeSpec, held_out, run_tokenize
 from data_pipeline.tokenizers import byte_tokenizer
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
@@ -228,3 +228,32 @@ def test_ray_train_workers_build_their_own_streams(s3_dataset: str, tmp_path: Pa
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     alone = [b["input_ids"].tolist() for b in _batches(s3_dataset, max_batches=3)]
     assert [a + b for a, b in zip(*ranks, strict=True)] == alone
+
+
+def test_a_validation_fraction_carves_a_held_out_dataset_by_document(corpus: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "split"
+    assert main(["tokenize", "--input", str(corpus), "--output", str(out), "--seq-len", str(SEQ_LEN),
+                 "--validation-fraction", "0.5", "--unit-mb", "0.05", "--no-progress"]) == 0
+    assert "data.validation=heldout" in capsys.readouterr().out
+    texts = {p.name: p.read_text() for p in sorted(corpus.iterdir())}
+    expected = {name for name, text in texts.items() if held_out(text, 0.5)}
+    assert 0 < len(expected) < len(texts)  # the fixed corpus splits both ways at one half
+    train, held = read_manifest(str(out)), read_manifest(str(out / HELDOUT_FOLDER))
+    assert (train.stats["documents"], held.stats["documents"]) == (len(texts) - len(expected), len(expected))
+    # Byte-level: each held-out document is its bytes plus one EOS, packed into full rows (the last one padded).
+    held_tokens = sum(len(texts[name].encode()) + 1 for name in expected)
+    assert held.rows == -(-held_tokens // SEQ_LEN) and held.settings_fingerprint == train.settings_fingerprint
+    # Its tokens are exactly the held-out documents' bytes (plus EOS), and the training set's the others'.
+    for manifest, folder, names in ((held, out / HELDOUT_FOLDER, expected), (train, out, set(texts) - expected)):
+        where = storage.resolve(str(folder))
+        rows = [table_arrays(decode_shard(storage.read_bytes(where.child(i.path)), i, manifest, i.path), SEQ_LEN)[0]
+                for i in manifest.shards]
+        counts = np.bincount(np.concatenate(rows).reshape(-1), minlength=259)
+        joined = np.frombuffer(b"".join(texts[name].encode() for name in sorted(names)), dtype=np.uint8)
+        assert np.array_equal(counts[:256], np.bincount(joined, minlength=256))
+    with pytest.raises(DataError, match="already holds a different dataset"):
+        run_tokenize(TokenizeSpec(output=str(out), seq_len=SEQ_LEN, inputs=[str(corpus)]), progress=False)
+    with pytest.raises(DataError, match=r"--validation-fraction must be in \[0, 1\), got 1.0"):
+        run_tokenize(TokenizeSpec(output=str(tmp_path / "bad"), seq_len=SEQ_LEN, inputs=[str(corpus)],
+                                  validation_fraction=1.0), progress=False)

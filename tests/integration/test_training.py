@@ -158,3 +158,40 @@ def test_a_validation_set_that_does_not_fit_the_job_is_refused(tmp_path: Path) -
     run_tokenize(TokenizeSpec(output=str(other), seq_len=64), progress=False)
     with pytest.raises(DataError, match=r"other has seq_len 64, the job expects 128 \(data\.seq_len\)"):
         train(tmp_path, "run_name=badval", "train.eval_every=3", f"data.validation={other}")
+
+
+def test_heldout_validation_keeps_the_best_checkpoint_by_score(tmp_path: Path) -> None:
+    import shutil
+    import sysconfig
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "bisect.py", "copy.py", "heapq.py", "shlex.py", "textwrap.py", "typing.py"):
+        shutil.copy(stdlib / name, corpus / name)
+    data = tmp_path / "data"
+    run_tokenize(TokenizeSpec(output=str(data), seq_len=128, inputs=[str(corpus)], validation_fraction=0.4),
+                 progress=False)
+    # Kept by the *highest* validation loss with num_to_keep=1: whatever the curve, Ray keeps that checkpoint and
+    # (for restarts) the newest one, and deletes the others.
+    result = train(tmp_path, "run_name=best", "parallel.num_workers=1", "parallel.ep_size=1", f"data.uri={data}",
+                   "data.validation=heldout", "train.eval_every=2", "checkpoint.every_steps=2",
+                   "checkpoint.num_to_keep=1", "checkpoint.score_attribute=val_loss", "checkpoint.score_order=max")
+    assert [step for step, _ in result.val_losses] == [2, 4, 6]
+    worst_step, worst = max(result.val_losses, key=lambda item: item[1])
+    assert result.best_score == pytest.approx(worst)
+    kept = {step: folder for step, folder, _ in run_checkpoint_states(storage.resolve(str(tmp_path / "best")))}
+    assert set(kept) == {worst_step, 6}
+    assert Path(result.best_checkpoint).name == Path(kept[worst_step]).name
+
+
+def test_heldout_needs_a_dataset_that_has_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="the embedded default corpus has none"):
+        load_job_config(None, ["train.eval_every=2", "data.validation=heldout"])
+    plain = tmp_path / "plain"
+    run_tokenize(TokenizeSpec(output=str(plain), seq_len=128), progress=False)
+    with pytest.raises(DataError, match=r"has no held-out set .* --validation-fraction"):
+        train(tmp_path, "run_name=noheld", f"data.uri={plain}", "data.validation=heldout", "train.eval_every=2")
+    with pytest.raises(ConfigError, match=r"checkpoint.every_steps \(3\) must be a multiple of train.eval_every"):
+        load_job_config(None, ["train.eval_every=2", f"data.validation={plain}", "checkpoint.every_steps=3",
+                               "checkpoint.score_attribute=val_loss"])

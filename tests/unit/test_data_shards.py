@@ -146,3 +146,15 @@ def test_retrying_is_bounded_and_names_the_uri() -> None:
     with pytest.raises(DataError, match="cannot write s3://nope/x: the bucket does not exist"):
         storage.retrying(missing_bucket, uri="s3://nope/x", what="write", base_delay=0.0)
     assert len(permanent) == 1
+
+
+def test_held_out_documents_are_chosen_by_their_text_alone() -> None:
+    from data_pipeline.tokenize import held_out
+
+    documents = [f"document {i}" for i in range(4000)]
+    chosen = [d for d in documents if held_out(d, 0.1)]
+    assert 300 < len(chosen) < 500  # a hash read as a uniform number: about a tenth
+    assert chosen == [d for d in reversed(documents) if held_out(d, 0.1)][::-1]  # order does not matter
+    assert set(chosen) <= {d for d in documents if held_out(d, 0.2)}  # a larger fraction holds out a superset
+    assert not any(held_out(d, 0.0) for d in documents)
+    assert held_out(("prompt", "answer"), 0.5) == held_out("prompt\x00answer", 0.5)  # SFT pairs: both texts

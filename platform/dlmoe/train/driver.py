@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import warnings
@@ -20,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlmoe.config import JobConfig
-from dlmoe.errors import ConfigError, DlmoeError
+from dlmoe.config import HELDOUT, JobConfig
+from dlmoe.errors import ConfigError, DataError, DlmoeError
 from dlmoe.tracking import open_run, tracking_uri
 
 
@@ -41,6 +42,8 @@ class TrainingResult:
     mlflow_run_id: str = ""
     tracking_uri: str = ""
     tokens_per_second: float = 0.0
+    best_checkpoint: str = ""  # by checkpoint.score_attribute, when set
+    best_score: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2) + "\n"
@@ -50,8 +53,16 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
     """The dataset URI to stream: ``data.uri``, or the default corpus tokenized once under the storage. A
     ``data.validation`` dataset is checked against the job too."""
     uri = _training_dataset(job, progress=progress)
+    if job.data.validation == HELDOUT:
+        from data_pipeline import storage
+        from data_pipeline.shards import MANIFEST_FILE
+
+        held = storage.resolve(job.data.validation_uri, endpoint_url=job.data.endpoint_url or None)
+        if not storage.exists(held.child(MANIFEST_FILE)):
+            raise DataError(f"the dataset {job.data.uri} has no held-out set at {held.uri} (data.validation="
+                            f"heldout): tokenize it with dlmoe tokenize --validation-fraction F")
     if job.data.validation:
-        _check_dataset(job, job.data.validation)
+        _check_dataset(job, job.data.validation_uri)
     return uri
 
 
@@ -95,7 +106,7 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
     absolute = job_from_dict(job.to_dict())
     for section, key in (("checkpoint", "storage"), ("data", "uri"), ("data", "validation"), ("model", "init_from")):
         value = getattr(getattr(absolute, section), key)
-        if value and "://" not in value:
+        if value and "://" not in value and (section, key, value) != ("data", "validation", HELDOUT):
             setattr(getattr(absolute, section), key, storage.resolve(value).path)
     if absolute.data.tokenizer != "byte" and "://" not in absolute.data.tokenizer:
         absolute.data.tokenizer = str(Path(absolute.data.tokenizer).expanduser().resolve())
@@ -196,15 +207,20 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
                                      resources_per_worker=per_worker or None),
         run_config=RunConfig(name=job.run_name, storage_path=where.path, storage_filesystem=where.fs,
                              failure_config=FailureConfig(max_failures=job.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep)),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=job.checkpoint.num_to_keep,
+                                 checkpoint_score_attribute=job.checkpoint.score_attribute or None,
+                                 checkpoint_score_order=job.checkpoint.score_order)),
     )
     result = trainer.fit()
     if result.error is not None:
         raise DlmoeError(f"run '{job.run_name}' failed: {result.error}") from result.error
     metrics: dict[str, Any] = result.metrics or {}
-    checkpoints = [str(c.path) for c, _ in getattr(result, "best_checkpoints", None) or []]
+    kept = getattr(result, "best_checkpoints", None) or []
+    checkpoints = [str(c.path) for c, _ in kept]
     if result.checkpoint is not None and str(result.checkpoint.path) not in checkpoints:
         checkpoints.append(str(result.checkpoint.path))
+    best = best_checkpoint(kept, job.checkpoint.score_attribute, job.checkpoint.score_order)
     return TrainingResult(run_name=job.run_name, final_step=int(metrics.get("step", 0)),
                           losses=list(metrics.get("losses", [])), params_sha256=str(metrics.get("params_sha256", "")),
                           restarts=int(metrics.get("restarts", 0)), checkpoints=checkpoints,
@@ -212,7 +228,18 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
                           val_losses=list(metrics.get("val_losses", [])),
                           export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
                           tracking_uri=job.tracking.uri if mlflow_run_id else "",
-                          tokens_per_second=float(metrics.get("tokens_per_s", 0.0)))
+                          tokens_per_second=float(metrics.get("tokens_per_s", 0.0)),
+                          best_checkpoint=best[0] if best else "", best_score=best[1] if best else None)
+
+
+def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], attribute: str, order: str) -> tuple[str, float] | None:
+    """The path and score of the best kept checkpoint by ``attribute`` (None without one, or when no checkpoint
+    has a finite score)."""
+    scored = [(str(c.path), float(m[attribute])) for c, m in kept
+              if attribute and isinstance(m.get(attribute), int | float) and math.isfinite(m[attribute])]
+    if not scored:
+        return None
+    return (min if order == "min" else max)(scored, key=lambda item: item[1])
 
 
 def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> str | None:

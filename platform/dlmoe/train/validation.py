@@ -24,7 +24,7 @@ class Validation:
         from data_pipeline.stream import TokenStream
         from dlmoe.diffusion import MaskedDiffusionObjective
 
-        stream = TokenStream(job.data.validation, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
+        stream = TokenStream(job.data.validation_uri, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
                              rank=rank, world_size=world, seq_len=job.data.seq_len,
                              tokenizer_fingerprint=tokenizer_fingerprint, kind=job.objective.kind,
                              endpoint_url=job.data.endpoint_url or None, max_batches=job.train.eval_batches)

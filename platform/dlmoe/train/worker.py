@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import tempfile
@@ -276,7 +277,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["interruptions"].append({"step": step + 1, "cause": event})
         if step + 1 < steps and (event is not None or (step + 1) % job.checkpoint.every_steps == 0):
             state["checkpoints"].append(step + 1)
-            ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0]},
+            scores = _latest_val(state, validation is not None)
+            ray.train.report({"step": step + 1, "loss": loss, "lr": engine.get_lr()[0], **scores},
                              checkpoint=_save(engine, state, rank))
             tracker.log_metrics({"checkpoint_step": step + 1}, step + 1)  # what the operator shows as the latest
             if exports_of_checkpoints and world > 1:
@@ -294,6 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elapsed = time.perf_counter() - warm_time
     metrics: dict[str, Any] = {"step": state["step"], "losses": state["losses"], "restarts": state["restarts"],
                                "interruptions": state.get("interruptions", []), "val_losses": state["val_losses"],
+                               **_latest_val(state, validation is not None),
                                "params_sha256": params_sha256(full),
                                "tokens_per_s": (tokens - warm_tokens) * world / elapsed if elapsed > 0 else 0.0}
     if exports is not None:
@@ -321,6 +324,14 @@ def micro_batches(batch: dict[str, Any], micro: int, device: torch.device | str
         part = slice(lo, lo + micro)
         yield (torch.from_numpy(batch["input_ids"][part]).to(device), torch.from_numpy(batch["sample_index"][part]),
                None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+
+
+def _latest_val(state: dict[str, Any], validating: bool) -> dict[str, float]:
+    """The newest validation loss for a checkpoint's metrics (what ``checkpoint.score_attribute=val_loss`` ranks);
+    NaN, which Ray ranks last, before the first validation. Nothing when the job has no validation set."""
+    if not validating:
+        return {}
+    return {"val_loss": float(state["val_losses"][-1][1]) if state["val_losses"] else math.nan}
 
 
 def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int, accumulation_steps: int,
