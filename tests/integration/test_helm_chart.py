@@ -6,6 +6,7 @@ shared by the operator and the dashboard."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import shutil
@@ -115,7 +116,7 @@ def pod_specs(manifests: list[Manifest]) -> Iterator[tuple[str, Manifest]]:
 
 
 def test_the_scenarios_cover_both_modes_and_every_mlflow_and_dashboard_choice() -> None:
-    assert {"default", "namespaced-mode", "cluster-mode", "external-mlflow", "dashboard-off",
+    assert {"default", "namespaced-mode", "cluster-mode", "external-mlflow", "dashboard-off", "grafana",
             "mlflow-persistence-off", "mlflow-existing-claim", "long-names"} <= set(SCENARIOS), sorted(SCENARIOS)
 
 
@@ -412,6 +413,39 @@ def test_dlmoe_accepts_the_charts_dashboard_command(rendered: dict[str, list[Man
 def test_the_dashboard_is_absent_when_disabled(rendered: dict[str, list[Manifest]]) -> None:
     assert component(rendered["default"], "dashboard")
     assert not component(rendered["dashboard-off"], "dashboard")
+
+
+def test_prometheus_finds_the_dashboards_metrics_by_annotation(rendered: dict[str, list[Manifest]]) -> None:
+    (service,) = [s for s in of_kind(rendered["default"], "Service") if s["metadata"]["name"] == "dlmoe-dashboard"]
+    assert service["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                                                  "prometheus.io/port": "8265"}
+    assert not [m for m in of_kind(rendered["default"], "ConfigMap") if "grafana_dashboard" in m["metadata"]["labels"]]
+
+
+def test_the_grafana_dashboard_queries_only_what_the_dashboard_serves(rendered: dict[str, list[Manifest]],
+                                                                      tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dlmoe.monitor.dashboard import Dashboard
+    from dlmoe.monitor.store import Store
+    from tests.synthetic_runs import imbalanced_counts, log_run
+
+    (config_map,) = [m for m in of_kind(rendered["grafana"], "ConfigMap")
+                     if m["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    board = json.loads(config_map["data"]["dlmoe-expert-load.json"])
+    queried = {name for panel in board["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(dlmoe_[a-z_]+)\b", target["expr"])}
+    # What /metrics really serves, for a run that logged everything the gauges read.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = log_run(uri, "served", imbalanced_counts())
+    for key in ("val_loss", "tokens_per_s"):
+        MlflowClient(tracking_uri=uri).log_metric(run_id, key, 1.0, step=30)
+    _, _, body = Dashboard(Store(uri)).respond("/metrics")
+    served = {family.name for family in text_string_to_metric_families(body.decode()) if family.samples}
+    assert len(queried) >= 10 and queried <= served, queried - served
 
 
 @pytest.mark.parametrize(("flag", "value", "named"), [

@@ -118,3 +118,31 @@ def test_an_unreachable_store_is_a_clear_503_page(monkeypatch: pytest.MonkeyPatc
 def test_cli_refuses_a_threshold_that_flags_every_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["dashboard", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--imbalance-threshold", "1"]) == 2
     assert "--imbalance-threshold" in capsys.readouterr().err
+
+
+def test_metrics_are_prometheus_gauges_of_the_newest_runs(dashboard: Dashboard, runs: dict[str, str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, kind, body = dashboard.respond("/metrics")
+    assert status == HTTPStatus.OK and kind.startswith("text/plain; version=")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+    def value(name: str, run: str, **labels: str) -> float:
+        return samples[name, tuple(sorted({"run": run, "run_id": runs[run], **labels}.items()))]
+
+    assert value("dlmoe_run_imbalanced", "skewed") == 1.0 and value("dlmoe_run_imbalanced", "balanced") == 0.0
+    # skewed, newest step (i = 2), layer 1 over both bins: expert 0 has 2 × 1200 slots, experts 1-6 have 2 × 100,
+    # expert 7 none: max/mean = 2400 / (3600 / 8)
+    assert value("dlmoe_expert_max_over_mean", "skewed", layer="1") == pytest.approx(2400 / (3600 / 8))
+    assert value("dlmoe_expert_dead", "skewed", layer="1") == 1.0
+    assert value("dlmoe_expert_max_over_mean_by_mask_ratio", "balanced", bin="0") == pytest.approx(1.0)
+    assert value("dlmoe_step", "skewed") == 30.0 and value("dlmoe_loss", "bare") == 3.0
+    assert samples["dlmoe_tracking_store_up", (("uri", dashboard.store.uri),)] == 1.0
+
+
+def test_metrics_of_an_unreachable_store_say_it_is_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    status, _, body = Dashboard(Store("http://127.0.0.1:9")).respond("/metrics")
+    assert status == HTTPStatus.OK and 'dlmoe_tracking_store_up{uri="http://127.0.0.1:9"} 0.0' in body.decode()

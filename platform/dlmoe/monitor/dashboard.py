@@ -2,7 +2,8 @@
 
 Routes: ``/`` runs list · ``/runs/<run id>[?step=N]`` run page · ``/api/runs/<run id>/expert-load/<step>`` one
 step's expert load (JSON, for the slider) · ``/api/runs/<run id>/state`` what changes while a run is live (JSON,
-for the auto-refresh) · ``/static/<asset>`` our stylesheet and script · ``/healthz`` liveness. An unknown run is a
+for the auto-refresh) · ``/static/<asset>`` our stylesheet and script · ``/metrics`` Prometheus gauges
+(``exporter``) · ``/healthz`` liveness. An unknown run is a
 404 page that says so, an unreachable store a 503 page naming it; nothing is ever a stack trace.
 """
 
@@ -17,7 +18,10 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from dlmoe.monitor import pages
+from dlmoe.monitor.exporter import exposition
 from dlmoe.monitor.store import Store, StoreUnavailable
 
 ASSETS = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
@@ -39,6 +43,8 @@ class Dashboard:
         try:
             if path == "/healthz":
                 return HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n"
+            if path == "/metrics":
+                return HTTPStatus.OK, CONTENT_TYPE_LATEST, exposition(self.store, self.threshold)
             if path.startswith("/static/"):
                 return self._asset(path.removeprefix("/static/"))
             if path in ("/", "/runs", "/runs/"):

@@ -41,6 +41,7 @@ class RunSummary:
     max_over_mean: float | None
     dead_experts: float | None
     layers: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
 
     def imbalanced(self, threshold: float) -> bool | None:
         """Whether the latest expert load is out of balance (None: the run logged none)."""
@@ -117,7 +118,7 @@ class Store:
             experiment=experiment, status=run.info.status, start_time=run.info.start_time or 0,
             step=loss_history[-1][0] if loss_history else None, loss=metrics.get("loss"),
             max_over_mean=metrics.get("moe/max_over_mean"), dead_experts=metrics.get("moe/dead_experts"),
-            layers=layers)
+            layers=layers, metrics=dict(metrics))
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of metric ``key``, by step (the last value logged at a step wins)."""
