@@ -63,6 +63,9 @@ def _train(rank: int, world: int, ep: int, port: int, result_path: str, zero: in
         Path(result_path).write_text(json.dumps({"losses": losses, "wrapped": wrapped, "routed": routed,
                                                  "lr": engine.get_lr()[0],
                                                  "allreduce": engine.enable_backward_allreduce}))
+    # Both ranks leave together: CI once saw rank 1 abort in teardown ("terminate called without an active
+    # exception") while rank 0 was still writing, with gloo's threads of the last collective alive.
+    dist.barrier()
     dist.destroy_process_group()
 
 
