@@ -24,15 +24,20 @@ def log_run(uri: str, name: str, counts_RLE: torch.Tensor, steps: tuple[int, ...
     for i, step in enumerate(steps):
         counts = counts_RLE.clone().double()
         counts[..., 0] *= 1 + skew_growth * i
-        window = ExpertLoadWindow()
-        window.add(counts, step)
-        metrics = {"loss": 5.0 / (1 + i), **window.scalars(dead_fraction=0.1)}
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value, step=step)
-        client.log_text(run_id, json.dumps(window.document(dead_fraction=0.1)), artifact_name(step))
+        log_step(uri, run_id, counts, step, loss=5.0 / (1 + i))
     if finished:
         client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+def log_step(uri: str, run_id: str, counts_RLE: torch.Tensor, step: int, loss: float) -> None:
+    """One logged step: the loss, the expert-load scalars and the artifact of a one-step window."""
+    client = MlflowClient(tracking_uri=uri)
+    window = ExpertLoadWindow()
+    window.add(counts_RLE.double(), step)
+    for key, value in {"loss": loss, **window.scalars(dead_fraction=0.1)}.items():
+        client.log_metric(run_id, key, value, step=step)
+    client.log_text(run_id, json.dumps(window.document(dead_fraction=0.1)), artifact_name(step))
 
 
 def balanced_counts(bins: int = 2, layers: int = 3, experts: int = 8) -> torch.Tensor:

@@ -234,8 +234,11 @@ def _dashboard(args: argparse.Namespace) -> int:
     if args.imbalance_threshold <= 1.0:
         raise DlmoeError(f"--imbalance-threshold is a max/mean token share and must exceed 1 (1 is perfect "
                          f"balance), got {args.imbalance_threshold}")
+    if args.refresh_seconds <= 0:
+        raise DlmoeError(f"--refresh-seconds must be positive, got {args.refresh_seconds}")
     try:
-        serve(default_tracking_uri(args.tracking_uri), args.host, args.port, args.imbalance_threshold)
+        serve(default_tracking_uri(args.tracking_uri), args.host, args.port, args.imbalance_threshold,
+              args.refresh_seconds)
     except OSError as exc:
         raise DlmoeError(f"the dashboard cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     except KeyboardInterrupt:
@@ -349,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8265, help="port (default 8265; 0 picks a free one)")
     dash.add_argument("--imbalance-threshold", type=float, default=2.0,
                       help="flag a run whose max/mean expert token share exceeds this (default 2.0)")
+    dash.add_argument("--refresh-seconds", type=float, default=10.0,
+                      help="how often a live run's page checks for new data (default 10)")
     dash.set_defaults(func=_dashboard)
 
     data = sub.add_parser("data", help="inspect and verify tokenized datasets")

@@ -18,7 +18,7 @@ import pytest
 from data_pipeline.local_s3 import free_port, wait_until_listening
 from dlmoe.model import build_model, get_flavor
 from dlmoe.model.moe import MoEBlock
-from tests.synthetic_runs import balanced_counts, imbalanced_counts, log_run
+from tests.synthetic_runs import balanced_counts, imbalanced_counts, log_run, log_step
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root on a closed network: no sandbox, and none of Chromium's own background connections.
@@ -50,7 +50,8 @@ def dashboard_url(mlflow_server: str, trained_run: str) -> Iterator[str]:
     dlmoe = shutil.which("dlmoe", path=str(Path(sys.executable).parent))
     assert dlmoe, "the dlmoe console script is not installed next to this Python"
     proc = subprocess.Popen([dlmoe, "dashboard", "--tracking-uri", mlflow_server, "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--refresh-seconds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_until_listening(port, proc, "dlmoe dashboard", timeout=60)
         yield f"http://127.0.0.1:{port}"
@@ -123,6 +124,21 @@ def test_dashboard_in_headless_chromium(dashboard_url: str, browser: object, tmp
     expect(page.get_by_test_id("error")).to_contain_text("No run with id")
     assert errors == [], f"the page raised: {errors}"
     print(f"screenshots in {tmp_path}")
+
+
+def test_a_live_runs_page_refreshes_itself_when_a_step_is_logged(dashboard_url: str, browser: object,
+                                                                 mlflow_server: str) -> None:
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    run_id = log_run(mlflow_server, "live-synthetic", balanced_counts(), steps=(5,), finished=False)
+    page = browser.new_page()
+    page.goto(f"{dashboard_url}/runs/{run_id}")
+    expect(page.get_by_test_id("run-status")).to_have_text("RUNNING")
+    expect(page.get_by_test_id("step-label")).to_have_text("5")
+    log_step(mlflow_server, run_id, imbalanced_counts(), step=10, loss=1.0)  # the dashboard polls every second
+    expect(page.get_by_test_id("step-label")).to_have_text("10", timeout=20_000)
+    expect(page.get_by_test_id("dead-experts")).to_contain_text("layer 1: expert 7")
 
 
 def _not_default() -> object:

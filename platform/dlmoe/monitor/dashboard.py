@@ -33,9 +33,10 @@ API_STATE = re.compile(r"^/api/runs/([^/]+)/state$")
 class Dashboard:
     """The pages and JSON answers of one tracking store; ``respond`` maps a path to (status, type, body)."""
 
-    def __init__(self, store: Store, imbalance_threshold: float = 2.0) -> None:
+    def __init__(self, store: Store, imbalance_threshold: float = 2.0, refresh_s: float = 10.0) -> None:
         self.store = store
         self.threshold = imbalance_threshold
+        self.refresh_s = refresh_s
 
     def respond(self, target: str) -> tuple[int, str, bytes]:
         url = urlsplit(target)
@@ -48,7 +49,7 @@ class Dashboard:
             if path.startswith("/static/"):
                 return self._asset(path.removeprefix("/static/"))
             if path in ("/", "/runs", "/runs/"):
-                return self._html(pages.runs_page(self.store.runs(), self.store.uri, self.threshold))
+                return self._html(pages.runs_page(self.store.runs(), self.store.uri, self.threshold, self.refresh_s))
             if match := RUN_PAGE.match(path):
                 step = query.get("step", [""])[0]
                 return self._run_page(match.group(1), int(step) if step.isdigit() else None)
@@ -73,7 +74,8 @@ class Dashboard:
                      for layer in run.layers}
         return self._html(pages.run_page(
             run, artifacts=series.by_step, warnings=series.warnings, selected=step,
-            loss={k: v for k, v in loss.items() if v}, imbalance=imbalance, threshold=self.threshold))
+            loss={k: v for k, v in loss.items() if v}, imbalance=imbalance, threshold=self.threshold,
+            refresh_s=self.refresh_s))
 
     def _load_json(self, run_id: str, step: int) -> tuple[int, str, bytes]:
         if self.store.run(run_id) is None:
@@ -137,12 +139,12 @@ def make_server(dashboard: Dashboard, host: str, port: int) -> ThreadingHTTPServ
     return server
 
 
-def serve(uri: str, host: str, port: int, imbalance_threshold: float) -> None:
+def serve(uri: str, host: str, port: int, imbalance_threshold: float, refresh_s: float = 10.0) -> None:
     """Serve the dashboard of the store at ``uri`` until interrupted."""
     # A dashboard should say "unreachable" within seconds, not after MLflow's minutes of retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    server = make_server(Dashboard(Store(uri), imbalance_threshold), host, port)
+    server = make_server(Dashboard(Store(uri), imbalance_threshold, refresh_s), host, port)
     bound_host, bound_port = server.server_address[:2]
     print(f"dlmoe dashboard: http://{bound_host!s}:{bound_port} over the MLflow tracking store {uri}", flush=True)
     try:

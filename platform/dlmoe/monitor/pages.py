@@ -45,7 +45,7 @@ def balance_flag(run: RunSummary, threshold: float) -> str:
             f'{run.max_over_mean:.2f}{escape(dead)}</span>')
 
 
-def runs_page(runs: Sequence[RunSummary], uri: str, threshold: float) -> str:
+def runs_page(runs: Sequence[RunSummary], uri: str, threshold: float, refresh_s: float = 10.0) -> str:
     if not runs:
         body = (f'<h1>Runs</h1><p class="empty" data-testid="no-runs">The tracking store at {escape(uri)} has no '
                 'runs yet. Start one with <code>dlmoe train tracking.uri=…</code>.</p>')
@@ -61,7 +61,8 @@ def runs_page(runs: Sequence[RunSummary], uri: str, threshold: float) -> str:
             f'{threshold:g}</p><table class="runs" data-testid="runs"><thead><tr><th>Run</th><th>Experiment</th>'
             f'<th>Status</th><th>Step</th><th>Loss</th><th>Expert balance</th><th>Started</th></tr></thead>'
             f'<tbody>{rows}</tbody></table>')
-    return layout("Runs", body, data={"live": "true" if any(r.status == "RUNNING" for r in runs) else "false"})
+    return layout("Runs", body, data={"live": "true" if any(r.status == "RUNNING" for r in runs) else "false",
+                                      "refresh-ms": f"{refresh_s * 1000:.0f}"})
 
 
 def _when(millis: int) -> str:
@@ -154,7 +155,7 @@ def mask_ratio_view(artifact: ExpertLoadArtifact) -> str:
 
 def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warnings: Sequence[str],
              selected: int | None, loss: dict[str, list[tuple[int, float]]],
-             imbalance: dict[str, list[tuple[int, float]]], threshold: float) -> str:
+             imbalance: dict[str, list[tuple[int, float]]], threshold: float, refresh_s: float = 10.0) -> str:
     """The run page: summary, loss, imbalance per layer, the heatmap with its step slider, dead experts, and the
     heatmap per mask-ratio bin."""
     head = (f'<h1>{escape(run.name)}</h1><p class="muted">run {escape(run.run_id)} · experiment '
@@ -171,7 +172,7 @@ def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warni
                 'artifacts were logged for this run. dlmoe writes one every <code>monitor.expert_load_every</code> '
                 'steps (50 by default) when the model has MoE layers and '
                 '<code>tracking.enabled</code> is true.</p></section>')
-        return layout(run.name, head + notes + charts + load, data=_page_data(run, []))
+        return layout(run.name, head + notes + charts + load, data=_page_data(run, [], refresh_s))
     steps = sorted(artifacts)
     step = selected if selected in artifacts else steps[-1]
     artifact = artifacts[step]
@@ -188,9 +189,10 @@ def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warni
             f'sample\'s mask ratio: masked positions all enter as the same embedding, so heavily masked batches '
             f'may route differently.</p><div id="bins">{mask_ratio_view(artifact)}</div></section>')
     return layout(run.name, head + notes + charts + load,
-                  data={**_page_data(run, steps), "dead-fraction": f"{artifact.dead_fraction:g}"})
+                  data={**_page_data(run, steps, refresh_s), "dead-fraction": f"{artifact.dead_fraction:g}"})
 
 
-def _page_data(run: RunSummary, steps: list[int]) -> dict[str, str]:
+def _page_data(run: RunSummary, steps: list[int], refresh_s: float) -> dict[str, str]:
     return {"run-id": run.run_id, "live": "true" if run.status == "RUNNING" else "false",
+            "refresh-ms": f"{refresh_s * 1000:.0f}",
             "signature": f"{run.status}:{run.step}:{len(steps)}"}

@@ -77,15 +77,15 @@ async function showStep(runId, step, deadFraction) {
   window.history.replaceState(null, "", url);
 }
 
+// While a run is live, reload when its status, step or logged steps change (the runs list simply reloads).
 function watchLive(runId) {
   const body = document.body;
   if (body.dataset.live !== "true") return;
-  const every = 10000;
+  const every = Number(body.dataset.refreshMs || "10000");
   const poll = async () => {
+    if (!runId) { window.location.reload(); return; }
     try {
-      const url = runId ? `/api/runs/${runId}/state` : null;
-      if (!url) { window.location.reload(); return; }
-      const answer = await fetch(url);
+      const answer = await fetch(`/api/runs/${runId}/state`);
       const state = await answer.json();
       if (answer.ok && state.signature !== body.dataset.signature) { window.location.reload(); return; }
     } catch (error) {
