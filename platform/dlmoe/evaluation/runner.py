@@ -62,9 +62,10 @@ def _task_manager(include_path: str | None) -> Any:
     return TaskManager(include_path=include_path)
 
 
-def check_tasks(request: EvalRequest) -> Any:
+def check_tasks(request: EvalRequest, manager: Any = None) -> Any:
     """Refuse unknown task names (naming the available ones) and inconsistent options; return lm_eval's task
-    manager when lm_eval tasks are asked for, else None."""
+    manager (``manager`` when given, else one over its own tasks and ``include_path``) when lm_eval tasks are asked
+    for, else None."""
     if not request.tasks:
         raise EvaluationError("no tasks given: --tasks quick (with --jsonl) and/or lm_eval task names")
     if request.limit is not None and request.limit < 1:
@@ -76,7 +77,7 @@ def check_tasks(request: EvalRequest) -> Any:
     others = [task for task in request.tasks if task != QUICK_TASK]
     if not others:
         return None
-    manager = _task_manager(request.include_path)
+    manager = manager if manager is not None else _task_manager(request.include_path)
     known = set(manager.all_tasks)
     unknown = [task for task in others if task not in known]
     if unknown:
