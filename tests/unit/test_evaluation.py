@@ -3,6 +3,7 @@ driving small local tasks end to end with the network refused, and the errors fo
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -257,3 +258,21 @@ def test_cli_quick_check_writes_the_results_document(copy_folder: Path, tmp_path
     assert document["settings"]["threshold"] == 0.9 and document["model"]["step"] == 300
     assert metric_names(document) == {"eval/quick/exact_match": accuracy, "eval/quick/items": 3.0}
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_evaluation_imports_what_its_docstring_allows() -> None:
+    import dlmoe.evaluation
+
+    folder = Path(dlmoe.evaluation.__file__).parent
+    allowed_only_in = {"lm_eval": {"harness.py", "runner.py"}, "mlflow": {"runner.py"},
+                       "dlmoe.tracking": {"runner.py"}}
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        modules |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        for module in modules:
+            assert module.split(".")[0] not in ("ray", "deepspeed") and not module.startswith("dlmoe.train"), \
+                f"{path.name} imports {module}"
+            for prefix, files in allowed_only_in.items():
+                if module == prefix or module.startswith(f"{prefix}."):
+                    assert path.name in files, f"{path.name} imports {module}"

@@ -6,8 +6,9 @@ adapter ``DlmoeLM``, registered with lm-evaluation-harness as the model ``dlmoe`
 ``lm_eval``: the optional ``eval`` extra, imported only when an lm_eval task is asked for); running a list of tasks
 and logging the results into the MLflow run of the checkpoint (runner.py).
 
-May import: torch, ``dlmoe.model``, ``dlmoe.diffusion``, ``dlmoe.export``, ``data_pipeline.tokenizers``, ``lm_eval``
-(harness.py and runner.py only) and mlflow (runner.py only) — never ray, deepspeed or ``dlmoe.train``.
+May import: torch, ``dlmoe.model``, ``dlmoe.diffusion``, ``dlmoe.export``, ``data_pipeline.tokenizers``,
+``lm_eval`` (harness.py and runner.py only), mlflow and ``dlmoe.tracking`` (runner.py only) — never ray, deepspeed
+or ``dlmoe.train``.
 """
 
 from dlmoe.evaluation.loading import LoadedModel, load_for_eval

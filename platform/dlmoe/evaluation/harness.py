@@ -50,8 +50,15 @@ class DlmoeLM(LM):  # type: ignore[misc]
                  block_length: int = 32, steps: int | None = None, threshold: float | None = None,
                  temperature: float = 0.0, check_greedy: bool | str = True, progress: bool | str = True) -> None:
         super().__init__()
-        self.loaded = pretrained if isinstance(pretrained, LoadedModel) else load_for_eval(pretrained,
-                                                                                            device=device or "cpu")
+        if isinstance(pretrained, LoadedModel):
+            if device is not None:
+                warnings.warn(f"device {device!r} is ignored: the model given is already loaded", stacklevel=2)
+            self.loaded = pretrained
+        else:
+            self.loaded = load_for_eval(pretrained, device=device or "cpu")
+        if max_batch_size is not None:
+            warnings.warn(f"max_batch_size {max_batch_size} is ignored: batch_size sets the generation batch and "
+                          f"mc_batch_size the Monte-Carlo one", stacklevel=2)
         # lm_eval's batch_size ("auto" or a count) sizes the generation batches; the ELBO has its own mc_batch_size.
         self.batch_size = int(batch_size) if batch_size is not None and str(batch_size).isdigit() else 1
         self.likelihood = LikelihoodSettings(samples=int(mc_samples), batch_size=int(mc_batch_size), seed=int(seed))

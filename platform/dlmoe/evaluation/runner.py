@@ -27,9 +27,9 @@ from dlmoe.diffusion import GenerationSettings
 from dlmoe.errors import DlmoeError
 from dlmoe.evaluation.loading import LoadedModel
 from dlmoe.evaluation.quick import read_pairs, run_quick_check
+from dlmoe.tracking import RUN_NAME_TAG
 
 QUICK_TASK = "quick"
-RUN_NAME_TAG = "dlmoe.run_name"  # the tag dlmoe.tracking.open_run puts on a training run
 
 
 class EvaluationError(DlmoeError, ValueError):
