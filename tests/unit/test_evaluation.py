@@ -276,3 +276,23 @@ def test_evaluation_imports_what_its_docstring_allows() -> None:
             for prefix, files in allowed_only_in.items():
                 if module == prefix or module.startswith(f"{prefix}."):
                     assert path.name in files, f"{path.name} imports {module}"
+
+
+def test_long_contexts_are_cut_from_the_left_and_long_continuations_refused() -> None:
+    from lm_eval.api.instance import Instance
+
+    from dlmoe.errors import ModelInputError
+    from dlmoe.evaluation import LoadedModel
+    from dlmoe.evaluation.harness import DlmoeLM
+
+    model = build_model(get_flavor("debug"), seed=0).eval()
+    loaded = LoadedModel(model=model, tokenizer=byte_tokenizer(), folder=Path("in-memory"))
+    lm = DlmoeLM(loaded, mc_samples=4, mc_batch_size=4, check_greedy=False, progress=False)
+    window = model.config.max_position_embeddings
+    context = "".join(chr(ord("a") + i % 26) for i in range(window + 50))
+    with pytest.warns(UserWarning, match=f"cut from the left to fit the model's {window} positions"):
+        [(score, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, "xy"), 0)])
+    kept = list(context.encode())[-(window - 2):]
+    assert score == lm._score(kept, list(b"xy")) and greedy is False
+    with pytest.raises(ModelInputError, match=f"request 0 .*{window + 1} tokens, more than the model's context"):
+        lm.loglikelihood([Instance("loglikelihood", {}, ("q", "z" * (window + 1)), 0)])

@@ -98,19 +98,23 @@ class DlmoeLM(LM):  # type: ignore[misc]
         """Token ids of a context and its continuation, split where tokenizing the whole text puts the boundary.
 
         Tokenizing the two halves apart would tokenize a word split by the boundary differently from the text the
-        model saw in training; trailing spaces of the context belong to the continuation for the same reason."""
+        model saw in training; trailing spaces of the context belong to the continuation for the same reason. Where
+        a token of the whole text straddles the boundary, the halves are tokenized apart after all."""
+        encode = self.loaded.tokenizer.encode
         stripped = context.rstrip(" ")
         continuation = context[len(stripped):] + continuation
-        whole = self.loaded.tokenizer.encode(stripped + continuation)
-        prompt_length = len(self.loaded.tokenizer.encode(stripped)) if stripped else 0
-        return whole[:prompt_length], whole[prompt_length:]
+        whole = encode(stripped + continuation)
+        prompt = encode(stripped) if stripped else []
+        if whole[:len(prompt)] != prompt or len(whole) <= len(prompt):
+            return prompt, encode(continuation)
+        return prompt, whole[len(prompt):]
 
-    def _fit(self, prompt: list[int], answer: list[int], where: str) -> list[int]:
-        """The prompt, cut from the left so that prompt + answer fit the model's context."""
-        room = self.loaded.max_positions - len(answer)
+    def _fit(self, prompt: list[int], answer_length: int, where: str) -> list[int]:
+        """The prompt, cut from the left so that it and ``answer_length`` tokens fit the model's context."""
+        room = self.loaded.max_positions - answer_length
         if room < 0:
-            raise ModelInputError(f"{where}: the continuation has {len(answer)} tokens, more than the model's context "
-                                  f"of {self.loaded.max_positions} positions")
+            raise ModelInputError(f"{where}: the continuation has {answer_length} tokens, more than the model's "
+                                  f"context of {self.loaded.max_positions} positions")
         if len(prompt) > room:
             self._warn_once("truncated", f"contexts longer than {room} tokens are cut from the left to fit the "
                                          f"model's {self.loaded.max_positions} positions (first: {where})")
@@ -138,7 +142,7 @@ class DlmoeLM(LM):  # type: ignore[misc]
             prompt, answer = self._encode_pair(context, continuation)
             if not answer:
                 raise ModelInputError(f"{where}: the continuation {continuation!r} tokenizes to nothing")
-            prompt = self._fit(prompt, answer, where)
+            prompt = self._fit(prompt, len(answer), where)
             greedy = self.check_greedy and self._is_greedy(prompt, answer)
             results.append((self._score(prompt, answer), greedy))
             self.cache_hook.add_partial("loglikelihood", (context, continuation), results[-1])
@@ -182,7 +186,7 @@ class DlmoeLM(LM):  # type: ignore[misc]
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_tokens = gen_kwargs.get("max_gen_toks")
-            prompt = self._fit(self.loaded.tokenizer.encode(context), [0] * self.generation.gen_length,
+            prompt = self._fit(self.loaded.tokenizer.encode(context), self.generation.gen_length,
                                f"request {index} of task {getattr(request, 'task_name', '?')}")
             jobs.append((index, prompt, until, None if max_tokens is None else int(max_tokens)))
         with tqdm(total=len(jobs), desc="generation", unit="request",
