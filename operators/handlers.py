@@ -14,7 +14,7 @@ import kopf
 
 from operators import kube, progress
 from operators import render as r
-from operators.reconcile import Reconciler
+from operators.reconcile import InvalidSpec, NotReady, Reconciler
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -43,6 +43,15 @@ def _namespaced(namespace: str | None) -> str:
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_seconds: float) -> None:
     """Register every handler of the operator on ``registry``."""
 
+    def _pass(namespace: str, name: str, logger: kopf.Logger) -> None:
+        # The timer and the watch retry by running again on their own schedule, so a job that cannot progress
+        # is not an error for them: its status condition and Event already say why. (Raising here would make
+        # kopf postpone the timer by the error's delay instead of the resync interval.)
+        try:
+            reconciler.reconcile(namespace, name)
+        except (InvalidSpec, NotReady) as exc:
+            logger.info(f"{namespace}/{name} waits: {exc}")
+
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
@@ -58,23 +67,23 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
     @kopf.on.resume(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
     @kopf.on.update(r.GROUP, r.VERSION, r.PLURAL, field="spec", registry=registry)
     def changed(namespace: str | None, name: str, **_: Any) -> None:
-        reconciler.reconcile(_namespaced(namespace), name)
-
-    @kopf.timer(r.GROUP, r.VERSION, r.PLURAL, interval=resync_seconds, registry=registry)
-    def resync(namespace: str | None, name: str, **_: Any) -> None:
         try:
             reconciler.reconcile(_namespaced(namespace), name)
-        except kopf.PermanentError:
-            # An invalid spec, already recorded as phase Failed with an Event; the update handler reconciles
-            # again when the spec changes, and the timer keeps running for that moment.
-            return
+        except InvalidSpec as exc:
+            raise kopf.PermanentError(str(exc)) from exc
+        except NotReady as exc:
+            raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
+
+    @kopf.timer(r.GROUP, r.VERSION, r.PLURAL, interval=resync_seconds, registry=registry)
+    def resync(namespace: str | None, name: str, logger: kopf.Logger, **_: Any) -> None:
+        _pass(_namespaced(namespace), name, logger)
 
     @kopf.on.event(r.RAY_GROUP, r.RAY_VERSION, r.RAY_PLURAL, labels={"app.kubernetes.io/managed-by": r.MANAGED_BY},
                    registry=registry)
-    def rayjob_changed(namespace: str | None, labels: kopf.Labels, **_: Any) -> None:
+    def rayjob_changed(namespace: str | None, labels: kopf.Labels, logger: kopf.Logger, **_: Any) -> None:
         job = labels.get(r.LABEL_JOB)
         if job:
-            reconciler.reconcile(_namespaced(namespace), job)
+            _pass(_namespaced(namespace), job, logger)
 
     @kopf.on.delete(r.GROUP, r.VERSION, r.PLURAL, registry=registry)
     def deleted(namespace: str | None, name: str, **_: Any) -> None:

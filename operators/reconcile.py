@@ -25,6 +25,19 @@ from operators.spec import Spec, SpecError, parse
 EventSink = Callable[[dict[str, Any], str, str, str], None]
 
 
+class InvalidSpec(ValueError):
+    """The spec breaks a rule; recorded as phase Failed with an Event. Nothing runs until the spec changes."""
+
+
+class NotReady(RuntimeError):
+    """Something outside the spec is missing (a ConfigMap, a Secret, KubeRay); recorded as a condition with an
+    Event. ``delay`` is how long a handler should wait before trying again."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 def post_event(cr: dict[str, Any], kind: str, reason: str, message: str) -> None:
     """A Kubernetes Event on the CR, through kopf's poster (batched, retried, never blocking the pass)."""
     kopf.event(kopf.Body(cast(kopf.RawBody, cr)), type=kind, reason=reason, message=message)
@@ -42,6 +55,7 @@ class Pass:
         self.status: dict[str, Any] = copy.deepcopy(self.old)
         self.events: list[tuple[str, str, str]] = []
         self.run = self.status.get("runName") or render.run_name(self.name, cr["metadata"].get("uid") or "")
+        self.text = ""
 
     # -- bookkeeping -------------------------------------------------------------------------------------------------
 
@@ -84,20 +98,19 @@ class Pass:
             self.suspend()
             self.commit()
             return
-        job = self.job(spec)
         attempt = int(self.status.get("attempt", 0))
         phase = self.status.get("phase")
-        if phase == st.RESTARTING:
-            due = st.parse_stamp(self.status.get("nextAttemptTime") or st.stamp(self.when))
-            if self.when >= due:
+        due = st.parse_stamp(self.status.get("nextAttemptTime") or st.stamp(self.when))
+        starting = attempt == 0 or phase in (st.SUSPENDED, st.FAILED) or (phase == st.RESTARTING and self.when >= due)
+        job = self.job(spec, fresh=starting)
+        if starting:
+            if phase == st.RESTARTING:
                 kube.delete_rayjob(self.namespace, render.rayjob_name(self.name, attempt))
-                self.start(spec, job, attempt + 1)
-        elif attempt == 0 or phase in (st.SUSPENDED, st.FAILED):
             if phase == st.SUSPENDED:
                 self.condition("Suspended", False, "Resumed", f"resumed: run {self.run} continues from its latest "
                                                                "checkpoint")
             self.start(spec, job, attempt + 1)
-        else:
+        elif phase != st.RESTARTING:
             self.observe(spec, job, attempt)
         self.commit()
 
@@ -106,34 +119,50 @@ class Pass:
         self.condition("Validated", False, "InvalidSpec", message)
         self.phase(st.FAILED, "InvalidSpec", message, warning=True)
         self.commit()
-        raise kopf.PermanentError(message)
+        raise InvalidSpec(message)
 
-    def job(self, spec: Spec) -> dict[str, Any]:
-        """The job YAML (inline or referenced), its Secret checked, copied into the CR's own ConfigMap."""
-        try:
-            referenced = None
-            if spec.job_configmap is not None:
-                cm, key = spec.job_configmap
+    def missing(self, exc: kube.InputMissing) -> NoReturn:
+        reason = "SecretMissing" if "Secret" in str(exc) else "ConfigMapMissing"
+        self.condition("InputsAvailable", False, reason, str(exc), warn_on_change=True)
+        self.commit()
+        raise NotReady(str(exc), delay=10) from exc
+
+    def job(self, spec: Spec, fresh: bool) -> dict[str, Any]:
+        """The job YAML as a mapping; its text is kept for the attempt's ConfigMap. A referenced YAML is read from
+        the user's ConfigMap when an attempt starts (``fresh``: a retry picks up a fixed YAML), otherwise from the
+        CR's own copy, the one the running attempt mounts, so a running job does not depend on the user's."""
+        referenced = None
+        if spec.job_configmap is not None and not fresh:
+            try:
+                referenced = kube.configmap_text(self.namespace, render.configmap_name(self.name), render.JOB_KEY,
+                                                 "the job's own ConfigMap")
+            except kube.InputMissing:
+                fresh = True  # deleted by hand: the user's ConfigMap is the source again
+        if spec.job_configmap is not None and fresh:
+            cm, key = spec.job_configmap
+            try:
                 referenced = kube.configmap_text(self.namespace, cm, key, "spec.job.configMapRef")
-            if spec.credentials is not None:
-                secret, id_key, secret_key = spec.credentials
-                kube.check_secret(self.namespace, secret, (id_key, secret_key), "spec.storage.credentialsSecret")
-        except kube.InputMissing as exc:
-            reason = "SecretMissing" if "Secret" in str(exc) else "ConfigMapMissing"
-            self.condition("InputsAvailable", False, reason, str(exc), warn_on_change=True)
-            self.commit()
-            raise kopf.TemporaryError(str(exc), delay=10) from exc
-        self.condition("InputsAvailable", True, "Found", "the job YAML and the referenced Secret are available")
-        text = render.job_text(spec, referenced)
-        job = yaml.safe_load(text)
+            except kube.InputMissing as exc:
+                self.missing(exc)
+        self.text = render.job_text(spec, referenced)
+        job = yaml.safe_load(self.text)
         if not isinstance(job, dict):
             self.invalid(f"spec.job.configMapRef: the job YAML is not a mapping (got {type(job).__name__})")
-        configmap = render.render_configmap(self.name, self.run, text)
-        kopf.adopt(configmap, owner=self.body)
-        kube.apply_configmap(self.namespace, configmap)
         return job
 
     def start(self, spec: Spec, job: dict[str, Any], attempt: int) -> None:
+        """Start attempt ``attempt``: its inputs checked, the job YAML it runs written to the CR's ConfigMap, its
+        RayJob created (or found, when an earlier pass created it)."""
+        if spec.credentials is not None:
+            secret, id_key, secret_key = spec.credentials
+            try:
+                kube.check_secret(self.namespace, secret, (id_key, secret_key), "spec.storage.credentialsSecret")
+            except kube.InputMissing as exc:
+                self.missing(exc)
+        self.condition("InputsAvailable", True, "Found", "the job YAML and the referenced Secret are available")
+        configmap = render.render_configmap(self.name, self.run, self.text)
+        kopf.adopt(configmap, owner=self.body)
+        kube.apply_configmap(self.namespace, configmap)
         body = render.render_rayjob(self.name, attempt, self.run, spec, self.mlflow_uri(spec, job))
         kopf.adopt(body, owner=self.body)
         name = body["metadata"]["name"]
@@ -142,7 +171,7 @@ class Pass:
         except kube.KubeRayMissing as exc:
             self.condition("RayJobCreated", False, "KubeRayNotInstalled", str(exc), warn_on_change=True)
             self.commit()
-            raise kopf.TemporaryError(str(exc), delay=30) from exc
+            raise NotReady(str(exc), delay=30) from exc
         self.condition("RayJobCreated", True, "Created", f"attempt {attempt}: RayJob {name}")
         self.status.update(attempt=attempt, rayJob=name)
         self.status.pop("nextAttemptTime", None)
@@ -230,7 +259,7 @@ class Pass:
         self.condition("ProgressAvailable", True, "Read", f"MLflow run of {self.run} in {experiment!r} at {uri}")
         found, balance = progress.summarise(reading)
         old = self.status.get("progress", {})
-        new = {**old, **found, "readTime": st.stamp(self.when)}
+        new = {**old, **found}
         if "step" in found and found["step"] > old.get("step", -1):
             new["advancedTime"] = st.stamp(self.when)
         self.status["progress"] = new
