@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-
-# Hugging Face datasets reads these when it is first imported: set them before lm_eval pulls it in.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from data_pipeline.tokenizers import byte_tokenizer
 from dlmoe.cli import main
@@ -57,10 +52,13 @@ def copy_folder(copy_model: DiffusionMoE, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Refuse every connection that leaves this machine, recording the attempts."""
+    """Hugging Face offline mode, and every connection that leaves this machine refused and recorded."""
     import datasets.config
     import huggingface_hub.constants
 
+    # Both libraries read the variables once, at import; their module constants are what later calls consult.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     attempts: list[Any] = []
