@@ -83,17 +83,17 @@ class Pass:
     # -- the pass ----------------------------------------------------------------------------------------------------
 
     def run_pass(self) -> None:
+        if st.condition(self.status, "Complete") is not None:
+            # Succeeded, or Failed with its restarts used up: final, whatever the spec says now. (Failed for an
+            # invalid spec sets no Complete condition, so a fixed spec starts again.)
+            return
         self.status["runName"] = self.run
         self.status["observedGeneration"] = self.cr["metadata"].get("generation", 1)
         try:
             spec = parse(self.cr.get("spec"))
         except SpecError as exc:
             self.invalid(str(exc))
-        previously_invalid = (st.condition(self.old, "Validated") or {}).get("status") == "False"
         self.condition("Validated", True, "Valid", "the spec is valid")
-        if self.status.get("phase") in st.TERMINAL and not previously_invalid:
-            self.commit()
-            return
         if spec.suspend:
             self.suspend()
             self.commit()
@@ -104,8 +104,12 @@ class Pass:
         starting = attempt == 0 or phase in (st.SUSPENDED, st.FAILED) or (phase == st.RESTARTING and self.when >= due)
         job = self.job(spec, fresh=starting)
         if starting:
-            if phase == st.RESTARTING:
+            if attempt:
+                # At most one RayJob per CR: the previous attempt's goes first, even one left running when the
+                # spec turned invalid (phase Failed) and was then fixed.
                 kube.delete_rayjob(self.namespace, render.rayjob_name(self.name, attempt))
+                self.status["attempts"] = st.close_attempt(self.status.get("attempts", []), attempt, "Replaced",
+                                                           "Replaced", f"attempt {attempt + 1} replaces it", self.when)
             if phase == st.SUSPENDED:
                 self.condition("Suspended", False, "Resumed", f"resumed: run {self.run} continues from its latest "
                                                                "checkpoint")
@@ -115,7 +119,13 @@ class Pass:
         self.commit()
 
     def invalid(self, problems: str) -> NoReturn:
+        """Phase Failed naming the fields; a running attempt is stopped (its spec can no longer be trusted)."""
         message = f"invalid spec: {problems}"
+        attempt = int(self.status.get("attempt", 0))
+        if attempt and self.status.get("phase") != st.FAILED:
+            kube.delete_rayjob(self.namespace, render.rayjob_name(self.name, attempt))
+            self.status["attempts"] = st.close_attempt(self.status.get("attempts", []), attempt, st.FAILED,
+                                                       "InvalidSpec", message, self.when)
         self.condition("Validated", False, "InvalidSpec", message)
         self.phase(st.FAILED, "InvalidSpec", message, warning=True)
         self.commit()

@@ -11,7 +11,6 @@ from typing import Any
 
 PENDING, RUNNING, RESTARTING = "Pending", "Running", "Restarting"
 SUCCEEDED, FAILED, SUSPENDED = "Succeeded", "Failed", "Suspended"
-TERMINAL = (SUCCEEDED, FAILED)
 
 # KubeRay v1 RayJob status: jobStatus is Ray's own job state, jobDeploymentStatus the state of the cluster and the
 # submission around it (ray-operator/apis/ray/v1/rayjob_types.go).

@@ -228,6 +228,25 @@ def test_invalid_spec_fails_naming_the_field_and_creates_nothing(shared: Kube) -
     wait_for(lambda: kube.condition("bad", "Validated").get("status") == "True", "Validated after the fix")
 
 
+def test_spec_broken_while_running_stops_the_attempt_and_the_fix_resumes_the_run(shared: Kube) -> None:
+    kube = shared
+    kube.create_job("edit", spec())
+    wait_for(lambda: kube.rayjobs("edit").get("edit-a1"), "RayJob edit-a1")
+    kube.set_rayjob_status("edit-a1", jobStatus="RUNNING", jobDeploymentStatus="Running")
+    running = wait_phase(kube, "edit", "Running")
+    kube.patch_spec("edit", {"image": ""})
+    failed = wait_phase(kube, "edit", "Failed")
+    assert "spec.image: must not be empty" in failed["message"]
+    assert kube.rayjobs("edit") == {}, "the attempt of a spec that turned invalid is stopped"
+    assert (failed["attempts"][0]["result"], failed["attempts"][0]["reason"]) == ("Failed", "InvalidSpec")
+    kube.patch_spec("edit", {"image": "dlmoe-training:fixed"})
+    second = wait_for(lambda: kube.rayjobs("edit").get("edit-a2"), "RayJob edit-a2 after the fix")
+    assert list(kube.rayjobs("edit")) == ["edit-a2"]
+    assert f"run_name={running['runName']}" in second["spec"]["entrypoint"]
+    worker = second["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["image"] == "dlmoe-training:fixed"
+
+
 def test_missing_configmap_and_secret_are_waited_for(shared: Kube) -> None:
     kube = shared
     kube.create_job("refs", spec(job={"configMapRef": {"name": "refs-source", "key": "pretrain.yaml"}},
