@@ -133,6 +133,8 @@ def test_lm_eval_runs_local_tasks_end_to_end_without_network(copy_folder: Path, 
 
     import dlmoe.evaluation.harness  # noqa: F401  (registers the model "dlmoe" with lm_eval)
 
+    # Registering ours must not hide lm_eval's own models (its registry loads them only while it is empty).
+    assert {"dlmoe", "hf"} <= set(lm_eval.api.registry.model_registry.keys())
     _write_tasks(tmp_path, seed=202)
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     with pytest.warns(UserWarning, match=r"\['do_sample'\].*ignored"):

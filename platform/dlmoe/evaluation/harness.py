@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm_eval fills its model registry lazily only while it is empty: fill it first)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
