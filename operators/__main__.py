@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from operators import handlers
+from operators import handlers, progress
 from operators.reconcile import Reconciler
 
 
@@ -49,6 +49,7 @@ def build(resync: float, default_mlflow_uri: str | None) -> kopf.OperatorRegistr
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    progress.configure_client()
     registry = build(resync_seconds(), os.environ.get("DLMOE_MLFLOW_TRACKING_URI") or None)
     kopf.run(registry=registry, standalone=True, clusterwide=args.all_namespaces, namespaces=args.namespace,
              liveness_endpoint=args.liveness)

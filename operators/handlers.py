@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from operators import kube, progress
+from operators import kube
 from operators import render as r
 from operators.reconcile import InvalidSpec, NotReady, Reconciler
 
@@ -55,7 +55,6 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler, resync_sec
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
-        progress.configure_client()
 
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:

@@ -24,12 +24,17 @@ class ProgressUnavailable(RuntimeError):
     """MLflow could not be read (unreachable, or it answered with an error); the message says which server."""
 
 
+# Fail fast on an unreachable server: MLflow's defaults retry for minutes, which would hold up the timer that also
+# drives restarts.
+CLIENT_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 def configure_client() -> None:
-    """Fail fast on an unreachable server: MLflow's defaults retry for minutes, which would hold up the timer that
-    also drives restarts. A deployment may still set these variables itself."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    """``CLIENT_SETTINGS`` where the deployment has not set them. Process-wide (MLflow reads them from the
+    environment), so the CLI calls it, not the handlers."""
+    for key, value in CLIENT_SETTINGS.items():
+        os.environ.setdefault(key, value)
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,7 @@ class Pass:
                 self.status["attempts"] = st.close_attempt(self.status.get("attempts", []), attempt, "Replaced",
                                                            "Replaced", f"attempt {attempt + 1} replaces it", self.when)
             if phase == st.SUSPENDED:
-                self.condition("Suspended", False, "Resumed", f"resumed: run {self.run} continues from its latest "
-                                                               "checkpoint")
+                self.resume()
             self.start(spec, job, attempt + 1)
         elif phase != st.RESTARTING:
             self.observe(spec, job, attempt)
@@ -200,7 +199,9 @@ class Pass:
         outcome = st.rayjob_outcome(rayjob.get("status"))
         if outcome.phase == st.RUNNING:
             self.phase(st.RUNNING, "AttemptRunning", f"attempt {attempt}: {outcome.message}")
-            record = next(a for a in self.status.get("attempts", []) if a.get("number") == attempt)
+            # A record lost with a hand-edited status is opened again, so the deadline has a start.
+            self.status["attempts"] = st.open_attempt(self.status.get("attempts", []), attempt, name, self.when)
+            record = next(a for a in self.status["attempts"] if a.get("number") == attempt)
             advanced = self.status.get("progress", {}).get("advancedTime")
             if readable and st.deadline_exceeded(spec.progress_deadline_seconds, record["startTime"], advanced,
                                                  self.when):
@@ -239,6 +240,14 @@ class Pass:
         message = f"spec.suspend is true: no RayJob runs; run {self.run} resumes from its latest checkpoint"
         self.condition("Suspended", True, "Suspended", message)
         self.phase(st.SUSPENDED, "Suspended", message)
+
+    def resume(self) -> None:
+        self.condition("Suspended", False, "Resumed", f"resumed: run {self.run} continues from its latest checkpoint")
+        if "balance" in self.status:
+            # Resuming is the user's answer to the imbalance so far: count afresh, or a job suspended for imbalance
+            # would be suspended again by the reads that suspended it.
+            self.status["balance"] = {**self.status["balance"], "readsOverThreshold": 0}
+            self.condition("ExpertImbalance", False, "Resumed", "the count of reads over the threshold restarts")
 
     # -- progress from MLflow ----------------------------------------------------------------------------------------
 
@@ -288,12 +297,14 @@ class Pass:
             where = f", worst layer {balance['worstLayer']}" if "worstLayer" in balance else ""
             message = (f"moe/max_over_mean {value:.3g} > balancePolicy.threshold {spec.balance_threshold:g} for "
                        f"{reads} consecutive reads{where}; action {spec.balance_action}")
+            was = (st.condition(self.status, "ExpertImbalance") or {}).get("status")
             self.condition("ExpertImbalance", True, "ThresholdExceeded", message, warn_on_change=True)
-            if spec.balance_action == "Suspend" and not spec.suspend:
+            if spec.balance_action == "Suspend" and was != "True":
                 kube.patch_job_spec(self.namespace, self.name, {"suspend": True})
                 self.events.append(("Warning", "SuspendedForImbalance", message))
         else:
-            self.condition("ExpertImbalance", False, "WithinThreshold",
+            self.condition("ExpertImbalance", False, "WithinThreshold" if value <= spec.balance_threshold
+                           else "OverThresholdNotYetConsecutive",
                            f"moe/max_over_mean {value:.3g}, threshold {spec.balance_threshold:g} "
                            f"({reads}/{spec.balance_reads} reads over)")
 

@@ -20,6 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from data_pipeline.local_s3 import free_port
+from operators.progress import CLIENT_SETTINGS
 from operators.status import parse_stamp
 from tests.integration.operator_harness import Cluster, emulator, running_operator, wait_for, write_kubeconfig
 
@@ -86,15 +87,18 @@ class Kube:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, client.ApiClient]]:
     with emulator() as (url, found):
         kubeconfig = write_kubeconfig(url, tmp_path_factory.mktemp("kube") / "config")
-        previous = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(kubeconfig)
+        # The MLflow client settings `dlmoe-operator` sets for itself, for this module only.
+        settings = {"KUBECONFIG": str(kubeconfig), **CLIENT_SETTINGS}
+        previous = {key: os.environ.get(key) for key in settings}
+        os.environ.update(settings)
         try:
             yield found, config.new_client_from_config(config_file=str(kubeconfig))
         finally:
-            if previous is None:
-                os.environ.pop("KUBECONFIG")
-            else:
-                os.environ["KUBECONFIG"] = previous
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
 
 
 @pytest.fixture
@@ -335,7 +339,7 @@ def test_progress_and_expert_imbalance_from_mlflow(mlflow_server: str, shared: K
     assert kube.condition("watch", "ExpertImbalance")["status"] == "False"
     log(mlflow, run_id, 20, loss=2.4, moe__max_over_mean=3.0)
     wait_for(lambda: kube.status("watch").get("balance", {}).get("readsOverThreshold") == 1, "1 read over")
-    assert kube.condition("watch", "ExpertImbalance")["status"] == "False"
+    assert kube.condition("watch", "ExpertImbalance")["reason"] == "OverThresholdNotYetConsecutive"
     log(mlflow, run_id, 30, loss=2.3, moe__max_over_mean=3.5)
     imbalance = wait_for(lambda: kube.condition("watch", "ExpertImbalance").get("status") == "True"
                          and kube.condition("watch", "ExpertImbalance"), "ExpertImbalance")
@@ -345,6 +349,13 @@ def test_progress_and_expert_imbalance_from_mlflow(mlflow_server: str, shared: K
     assert suspended["progress"]["step"] == 30 and "watch-a1" not in kube.rayjobs("watch")
     wanted = {"ThresholdExceeded", "SuspendedForImbalance"}
     wait_for(lambda: wanted <= {r for t, r, _ in kube.events("watch") if t == "Warning"}, f"warnings {wanted}")
+    # Resuming restarts the count: the reads that suspended the job do not suspend it again.
+    kube.patch_spec("watch", {"suspend": False})
+    wait_for(lambda: kube.rayjobs("watch").get("watch-a2"), "RayJob watch-a2 on resume")
+    kube.set_rayjob_status("watch-a2", jobStatus="RUNNING", jobDeploymentStatus="Running")
+    running = wait_phase(kube, "watch", "Running")  # the pass that sees RUNNING reads MLflow first
+    assert running["balance"]["readsOverThreshold"] == 0 and (kube.job("watch") or {})["spec"]["suspend"] is False
+    assert kube.condition("watch", "ExpertImbalance")["status"] == "False"
 
 
 def test_unreachable_mlflow_keeps_the_last_progress(mlflow_server: str, shared: Kube) -> None:
