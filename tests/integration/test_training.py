@@ -195,3 +195,24 @@ def test_heldout_needs_a_dataset_that_has_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"checkpoint.every_steps \(3\) must be a multiple of train.eval_every"):
         load_job_config(None, ["train.eval_every=2", f"data.validation={plain}", "checkpoint.every_steps=3",
                                "checkpoint.score_attribute=val_loss"])
+
+
+def test_a_validation_set_of_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    import json as json_module
+
+    from dlmoe.train.driver import prepare_dataset
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    other = tmp_path / "tokenizer"
+    byte_tokenizer().save(other)  # the same vocabulary, but padding with the mask token: another tokenizer
+    (other / "tokenizer_config.json").write_text(json_module.dumps(
+        {"eos_token": "<|eos|>", "pad_token": "<|mask|>", "mask_token": "<|mask|>"}))
+    for name, tokenizer in (("train", None), ("val", str(other))):
+        run_tokenize(TokenizeSpec(output=str(tmp_path / name), seq_len=128, inputs=[str(corpus)],
+                                  tokenizer=tokenizer), progress=False)
+    job = load_job_config(None, [f"data.uri={tmp_path / 'train'}", f"data.validation={tmp_path / 'val'}",
+                                 "train.eval_every=2"])
+    with pytest.raises(DataError, match=r"dataset .*/val was tokenized with .*not the job's tokenizer"):
+        prepare_dataset(job, progress=False)
