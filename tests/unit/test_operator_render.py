@@ -327,3 +327,22 @@ def test_operator_imports_no_torch_ray_or_deepspeed() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'deepspeed', 'dlmoe'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# -- the command line the chart runs ---------------------------------------------------------------------------------
+
+def test_cli_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    from operators.__main__ import parse_args, resync_seconds
+
+    args = parse_args(["--namespace", "a", "--namespace", "b", "--liveness", "http://0.0.0.0:8080/healthz"])
+    assert (args.namespace, args.all_namespaces, args.liveness) == (["a", "b"], False, "http://0.0.0.0:8080/healthz")
+    assert parse_args(["--all-namespaces"]).all_namespaces is True
+    with pytest.raises(SystemExit):
+        parse_args([])  # neither: the operator would not know what to watch
+    with pytest.raises(SystemExit):
+        parse_args(["--all-namespaces", "--namespace", "a"])
+    monkeypatch.delenv("DLMOE_OPERATOR_RESYNC_SECONDS", raising=False)
+    assert resync_seconds() == 30.0
+    monkeypatch.setenv("DLMOE_OPERATOR_RESYNC_SECONDS", "soon")
+    with pytest.raises(SystemExit, match="DLMOE_OPERATOR_RESYNC_SECONDS must be a number of seconds, got 'soon'"):
+        resync_seconds()
