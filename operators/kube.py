@@ -1,7 +1,8 @@
-"""The Kubernetes calls the operator makes, through the official client — exactly the verbs the chart's RBAC grants
-(helm/dlmoe: CRs get/patch, their status patch, ConfigMaps get/create/patch/delete, Secrets get, RayJobs
-get/list/create/delete). Each 404 or 409 that means something to the reconciler becomes a named outcome here, so
-the reconciler never inspects HTTP codes.
+"""The Kubernetes calls the reconciler makes, through the official client: CRs get and patch (spec.suspend), their
+status patch, ConfigMaps get/create/patch/delete, Secrets get, RayJobs get/list/create/delete. kopf adds the CRs'
+list/watch/patch (finalizer, annotations), the RayJobs' list/watch and Events create. The chart's RBAC grants exactly
+these. Each 404 or 409 that means something to the reconciler becomes a named outcome here, so the reconciler never
+inspects HTTP codes.
 """
 
 from __future__ import annotations

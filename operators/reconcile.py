@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import datetime
 import threading
-from collections.abc import Callable
 from typing import Any, NoReturn, cast
 
 import kopf
@@ -21,8 +20,6 @@ import yaml
 from operators import kube, progress, render
 from operators import status as st
 from operators.spec import Spec, SpecError, parse
-
-EventSink = Callable[[dict[str, Any], str, str, str], None]
 
 
 class InvalidSpec(ValueError):
@@ -46,9 +43,8 @@ def post_event(cr: dict[str, Any], kind: str, reason: str, message: str) -> None
 class Pass:
     """The state of one pass: the CR as read, the status being built, and the Events to post after it is written."""
 
-    def __init__(self, cr: dict[str, Any], default_mlflow_uri: str | None, when: datetime.datetime,
-                 events: EventSink) -> None:
-        self.cr, self.when, self.default_mlflow_uri, self.sink = cr, when, default_mlflow_uri, events
+    def __init__(self, cr: dict[str, Any], default_mlflow_uri: str | None, when: datetime.datetime) -> None:
+        self.cr, self.when, self.default_mlflow_uri = cr, when, default_mlflow_uri
         self.body = kopf.Body(cast(kopf.RawBody, cr))
         self.namespace, self.name = cr["metadata"]["namespace"], cr["metadata"]["name"]
         self.old: dict[str, Any] = cr.get("status") or {}
@@ -65,7 +61,7 @@ class Pass:
             kube.patch_job_status(self.namespace, self.name, patch)
             self.old = copy.deepcopy(self.status)
         for kind, reason, message in self.events:
-            self.sink(self.cr, kind, reason, message)
+            post_event(self.cr, kind, reason, message)
         self.events.clear()
 
     def phase(self, phase: str, reason: str, message: str, warning: bool = False) -> None:
@@ -232,7 +228,7 @@ class Pass:
 
     def suspend(self) -> None:
         attempt = int(self.status.get("attempt", 0))
-        if attempt and kube.get_rayjob(self.namespace, render.rayjob_name(self.name, attempt)) is not None:
+        if attempt:
             kube.delete_rayjob(self.namespace, render.rayjob_name(self.name, attempt))
         self.status["attempts"] = st.close_attempt(self.status.get("attempts", []), attempt, st.SUSPENDED,
                                                    "Suspended", "spec.suspend is true", self.when)
@@ -313,8 +309,8 @@ class Reconciler:
     """Runs passes, one at a time per CR: the handlers, the watch and the timer may fire together, and two
     concurrent passes would both see "no RayJob yet"."""
 
-    def __init__(self, default_mlflow_uri: str | None, events: EventSink = post_event) -> None:
-        self.default_mlflow_uri, self.events = default_mlflow_uri, events
+    def __init__(self, default_mlflow_uri: str | None) -> None:
+        self.default_mlflow_uri = default_mlflow_uri
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -327,7 +323,7 @@ class Reconciler:
             cr = kube.get_job(namespace, name)
             if cr is None or cr["metadata"].get("deletionTimestamp"):
                 return
-            Pass(cr, self.default_mlflow_uri, st.now(), self.events).run_pass()
+            Pass(cr, self.default_mlflow_uri, st.now()).run_pass()
 
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
