@@ -32,6 +32,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # A deleted CR keeps its finalizer until its resync timer has exited; kopf rechecks a sync timer that was
     # mid-pass only every `cancellation_polling` seconds (60 by default), which would hold deletions for a minute.
     settings.background.cancellation_polling = 1.0
+    # Watch streams end and restart every few minutes: a connection dropped silently (a load balancer, an API
+    # server restart) would otherwise leave the operator waiting for events that never come.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
 
 
 def _namespaced(namespace: str | None) -> str:
