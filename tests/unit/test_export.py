@@ -255,3 +255,15 @@ def test_verify_folder_catches_a_shard_that_lost_a_tensor(tmp_path: Path) -> Non
     save_file({k: v for k, v in kept.items() if k != dropped}, str(first))
     with pytest.raises(ExportError, match=rf"{first.name} holds \['{dropped}'\] other than the index says"):
         verify_folder(folder, model.config)
+
+
+def test_writing_copies_only_the_tensors_that_share_a_storage() -> None:
+    from dlmoe.export.writer import _standalone
+
+    base, own = torch.arange(12.0).reshape(3, 4), torch.ones(2, 2)
+    out = _standalone({"view": base[1], "own": own, "tie": own, "base": base}, torch.float32)
+    assert out["own"].data_ptr() == own.data_ptr() and out["base"].data_ptr() == base.data_ptr()  # no copy
+    assert out["view"].untyped_storage().nbytes() == 16 and torch.equal(out["view"], base[1])  # a view: copied
+    assert out["tie"].data_ptr() != own.data_ptr() and torch.equal(out["tie"], own)  # a tie: copied
+    halves = _standalone({"own": own}, torch.bfloat16)["own"]
+    assert halves.dtype == torch.bfloat16 and torch.equal(halves.float(), own)

@@ -94,9 +94,7 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
             if sorted(given) != sorted(shard):
                 raise ExportError(f"shard {filename}: the source gave {sorted(set(given) ^ set(shard))[:5]} "
                                   f"other than the tensors asked for")
-            # safetensors stores each tensor on its own: break views and ties (a tied lm_head is written in full).
-            save_file({k: v.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)
-                       for k, v in given.items()}, str(staging / filename), metadata={"format": "pt"})
+            save_file(_standalone(given, dtype), str(staging / filename), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, filename))
         total = sum(nbytes.values())
         _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -117,6 +115,25 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
         if staging.exists():
             shutil.rmtree(staging)
     return target
+
+
+def _standalone(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors stores them: on the CPU in ``dtype``, each alone in its storage. safetensors
+    refuses tensors that share a storage, so a view of a larger one (an expert split from the fused weights) or a
+    tie (a tied lm_head) is copied; a tensor that already owns its storage — an expert file's, read memory-mapped —
+    is written as it is, without an extra copy of its bytes."""
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, value in tensors.items():
+        tensor = value.detach().to(device="cpu", dtype=dtype)
+        storage = tensor.untyped_storage()
+        owns = (tensor.is_contiguous() and tensor.storage_offset() == 0
+                and storage.nbytes() == tensor.numel() * tensor.element_size())
+        if not owns or storage.data_ptr() in storages:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        storages.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
 
 
 def tensor_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
