@@ -12,8 +12,9 @@ config it was made with), every rank's sha256 list of its files, and DeepSpeed's
   ``w2.{e}`` (down, [D, I]) — whichever rank held it. DeepSpeed's ``zero_to_fp32`` leaves these files out.
 
 Given a run, the exporter takes its newest checkpoint whose model files verify (a broken one is passed over with a
-warning). It checks the files it reads against the checksum lists, then writes the folder shard by shard: an
-expert file is read when its shard is written, so memory holds the non-expert weights and one shard. A local
+warning). It writes the folder shard by shard — an expert file is read when its shard is written, so memory holds
+the non-expert weights and one shard — while a thread checks every model file against the checksum lists (hashing
+releases the GIL); the folder is published only once all of them match. A local
 folder is staged and moved into place; an ``s3://`` folder is staged locally and uploaded with ``config.json`` last
 (removed first when a previous export is overwritten), so a folder without ``config.json`` is never a finished one.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import tempfile
 import warnings
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline import storage
+from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
 from dlmoe.errors import ExportError
 from dlmoe.export.hf import to_hf
 from dlmoe.export.writer import tensor_bytes, write_folder, write_to_uri
@@ -54,8 +56,6 @@ class ExportResult:
 def checkpoint_candidates(source: str, endpoint_url: str | None = None) -> tuple[list[Any], bool]:
     """The checkpoints ``source`` names, newest first, and whether it named a run: a checkpoint folder (it has
     ``dlmoe_state.json``) names itself; a run folder (``{checkpoint.storage}/{run_name}``) names its checkpoints."""
-    from data_pipeline import storage
-
     where = storage.resolve(source, endpoint_url=endpoint_url)
     if storage.exists(where.child(STATE_FILE)):
         return [where], False
@@ -87,11 +87,27 @@ def _state_and_config(state_bytes: bytes, where: str) -> tuple[dict[str, Any], M
     return state, config
 
 
-def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelConfig]:
-    """The checkpoint's model files, checked against its checksum lists, in a local folder (``local`` for S3; the
-    checkpoint itself when it is local)."""
-    from data_pipeline import storage
+@dataclass
+class _Fetched:
+    """A checkpoint's model files in a local folder, and the threads checking them against the checksum lists."""
 
+    folder: Path
+    state: dict[str, Any]
+    config: ModelConfig
+    uri: str
+    digests: concurrent.futures.Future[dict[str, str]]
+    sums: dict[str, str]
+
+    def verify(self) -> None:
+        """Wait for the checks; raise ``ExportError`` naming the first file that does not match."""
+        for name, digest in self.digests.result().items():
+            if digest != self.sums[name]:
+                raise ExportError(f"checkpoint {self.uri}: {name} does not match its checksum (corrupt or changed)")
+
+
+def _fetch(checkpoint: Any, local: Path, pool: concurrent.futures.ThreadPoolExecutor) -> _Fetched:
+    """The checkpoint's model files in a local folder (``local`` for S3; the checkpoint itself when it is local),
+    with their checks against the checksum lists started in ``pool``."""
     state, config = _state_and_config(storage.read_bytes(checkpoint.child(STATE_FILE)), checkpoint.uri)
     sums: dict[str, str] = {}
     present = set()
@@ -110,14 +126,9 @@ def _fetch(checkpoint: Any, local: Path) -> tuple[Path, dict[str, Any], ModelCon
         if checkpoint.is_s3:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(storage.read_bytes(checkpoint.child(name)))
-    # Hashing releases the GIL: the files are checked in parallel, each read in chunks.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        digests = pool.map(file_sha256, [folder / name for name in needed])
-        for name, digest in zip(needed, digests, strict=True):
-            if digest != sums[name]:
-                raise ExportError(f"checkpoint {checkpoint.uri}: {name} does not match its checksum (corrupt or "
-                                  f"changed)")
-    return folder, state, config
+    # One task hashes every file: it holds the GIL only between files, so the writing goes on beside it.
+    digests = pool.submit(lambda: {name: file_sha256(folder / name) for name in needed})
+    return _Fetched(folder, state, config, checkpoint.uri, digests, sums)
 
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -127,17 +138,16 @@ AUTOEP_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 class _Tensors:
     """Release-keyed tensors of one checkpoint, read as shards ask for them."""
 
-    def __init__(self, folder: Path, config: ModelConfig, expert_parallel: bool) -> None:
-        self.folder, self.config, self.expert_parallel = folder, config, expert_parallel
+    def __init__(self, fetched: _Fetched) -> None:
+        self.fetched = fetched
+        self.folder, self.config = fetched.folder, fetched.config
+        self.expert_parallel = int(fetched.state["shape"]["parallel.ep_size"]) > 1
         # Memory-mapped: under ZeRO-0 this file also holds the optimizer state, which is never read.
-        module = _load(folder / MODEL_STATES, mmap=True)["module"]
+        module = self._load(self.folder / MODEL_STATES)["module"]
         module = {k.replace(".mlp.layer.router.gate.", ".mlp.gate."): v for k, v in module.items()}
-        if expert_parallel:
-            self.plain = module
-        else:
-            self.plain = to_hf(module, config)
-        self.moe_index = {i: k for k, i in enumerate(i for i in range(config.num_hidden_layers)
-                                                      if config.is_moe_layer(i))}
+        self.plain = module if self.expert_parallel else to_hf(module, self.config)
+        self.moe_index = {i: k for k, i in enumerate(i for i in range(self.config.num_hidden_layers)
+                                                      if self.config.is_moe_layer(i))}
         self.cached: tuple[Path, dict[str, torch.Tensor]] | None = None
         self.dtype = next(iter(module.values())).dtype
 
@@ -153,37 +163,37 @@ class _Tensors:
             layer, expert, kind = int(match[1]), int(match[2]), match[3]
             path = self.folder / f"{TAG}/layer_{self.moe_index[layer]}_expert_{expert}_mp_rank_00_model_states.pt"
             if self.cached is None or self.cached[0] != path:
-                self.cached = (path, _load(path, mmap=True))
+                self.cached = (path, self._load(path))
             key = f"model.layers.{layer}.mlp.layer.experts.{AUTOEP_NAMES[kind]}.{expert}"
             if key not in self.cached[1]:
                 raise ExportError(f"{path} has no tensor {key}")
             out[name] = self.cached[1][key]
         return out
 
-
-def _load(path: Path, mmap: bool = False) -> dict[str, Any]:
-    try:
-        loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as exc:
-        raise ExportError(f"cannot read {path}: {exc}") from exc
-    return loaded
+    def _load(self, path: Path) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:
+            # A file the checksum check would refuse too gets that, clearer, error rather than torch's.
+            self.fetched.verify()
+            raise ExportError(f"cannot read {path}: {exc}") from exc
+        return loaded
 
 
 def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                       endpoint_url: str | None = None) -> ExportResult:
     """Export the checkpoint ``source`` names (see ``checkpoint_candidates``) to the folder ``out`` (local or s3://)."""
-    from data_pipeline import storage
-    from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
-
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     candidates, is_run = checkpoint_candidates(source, endpoint_url)
     target = storage.resolve(out, endpoint_url=endpoint_url)
-    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dlmoe-export-") as tmp, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         # A run's newest checkpoint whose model files verify; a named checkpoint must verify itself.
         for number, checkpoint in enumerate(candidates):
             try:
-                folder, state, config = _fetch(checkpoint, Path(tmp) / f"checkpoint-{number}")
+                fetched = _fetch(checkpoint, Path(tmp) / f"checkpoint-{number}", pool)
+                weights = _write(fetched, target, dtype)
                 break
             except ExportError as exc:
                 if not is_run:
@@ -191,20 +201,27 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                 warnings.warn(f"passing over a checkpoint that does not verify: {exc}", stacklevel=2)
         else:
             raise ExportError(f"no checkpoint of {source} verifies")
-        tensors = _Tensors(folder, config, int(state["shape"]["parallel.ep_size"]) > 1)
-        tokenizer_name = state["shape"].get("data.tokenizer", "byte")
-        tokenizer = byte_tokenizer() if tokenizer_name == "byte" else None
-        if tokenizer is None and Path(tokenizer_name).exists():
-            tokenizer = load_tokenizer(tokenizer_name, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
-                                       mask_id=config.mask_token_id)
-        elif tokenizer is None:
-            warnings.warn(f"the run's tokenizer {tokenizer_name} is not reachable here; exporting without tokenizer "
-                          f"files", stacklevel=2)
-        weights = DTYPES[dtype] if dtype else tensors.dtype
-        facts = {"flavor": state.get("flavor"), "step": state.get("step"), "source_run": state.get("run_name"),
-                 "source_checkpoint": checkpoint.uri}
-        write_to_uri(target, lambda out: write_folder(out, config, tensors, dtype=weights, tokenizer=tokenizer,
-                                                      facts=facts))
-    nbytes = tensor_bytes(config, weights)
-    return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(state.get("step", 0)),
+    nbytes = tensor_bytes(fetched.config, weights)
+    return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(fetched.state.get("step", 0)),
                         tensors=len(nbytes), bytes=sum(nbytes.values()))
+
+
+def _write(fetched: _Fetched, target: Any, dtype: str | None) -> torch.dtype:
+    """Write ``fetched`` as a release-format folder at ``target``, published only once its files verify; returns
+    the weights' dtype."""
+    state, config = fetched.state, fetched.config
+    tensors = _Tensors(fetched)
+    tokenizer_name = state["shape"].get("data.tokenizer", "byte")
+    tokenizer = byte_tokenizer() if tokenizer_name == "byte" else None
+    if tokenizer is None and Path(tokenizer_name).exists():
+        tokenizer = load_tokenizer(tokenizer_name, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
+                                   mask_id=config.mask_token_id)
+    elif tokenizer is None:
+        warnings.warn(f"the run's tokenizer {tokenizer_name} is not reachable here; exporting without tokenizer "
+                      f"files", stacklevel=2)
+    weights = DTYPES[dtype] if dtype else tensors.dtype
+    facts = {"flavor": state.get("flavor"), "step": state.get("step"), "source_run": state.get("run_name"),
+             "source_checkpoint": fetched.uri}
+    write_to_uri(target, lambda out: write_folder(out, config, tensors, dtype=weights, tokenizer=tokenizer,
+                                                  facts=facts, before_publish=fetched.verify))
+    return weights

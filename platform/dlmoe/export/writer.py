@@ -72,11 +72,13 @@ def save_pretrained(model: DiffusionMoE, out_dir: str | Path, *, tokenizer: Any 
 
 def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable[[list[str]], dict[str, torch.Tensor]],
                  *, dtype: torch.dtype, facts: dict[str, Any], tokenizer: Any | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 before_publish: Callable[[], None] | None = None) -> Path:
     """Write a release-format folder shard by shard: ``tensors_for(names)`` gives the release-keyed tensors of one
     shard, so no more than a shard's worth is held at once. The folder is staged next to the target, verified
-    (every tensor exactly once, with its shape; the index's total size equal to the bytes written) and only then
-    moved into place: a crash leaves the previous folder or none."""
+    (every tensor exactly once, with its shape; the index's total size equal to the bytes written), checked by
+    ``before_publish`` (which raises to abandon it) and only then moved into place: a crash leaves the previous
+    folder or none."""
     target = Path(out_dir)
     _check_target(target)
     if max_shard_bytes <= 0:
@@ -104,6 +106,8 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
         if tokenizer is not None:
             tokenizer.save(staging)
         verify_folder(staging, config)
+        if before_publish is not None:
+            before_publish()
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired / target.name)
