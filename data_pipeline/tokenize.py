@@ -204,8 +204,9 @@ def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, 
     tokenizer = _tokenizer_from(spec)
     root = storage.resolve(spec["output"], endpoint_url=spec["endpoint_url"])
     documents = [doc for uri in files for doc in _documents(uri, spec)]
-    parts = {TRAIN: [d for d in documents if not held_out(d, spec["validation_fraction"])],
-             HELDOUT_FOLDER: [d for d in documents if held_out(d, spec["validation_fraction"])]}
+    parts: dict[str, list[Any]] = {TRAIN: [], HELDOUT_FOLDER: []}
+    for document in documents:
+        parts[HELDOUT_FOLDER if held_out(document, spec["validation_fraction"]) else TRAIN].append(document)
     packed = [_pack(index, part_documents, tokenizer, root if part == TRAIN else root.child(part), spec)
               for part, part_documents in parts.items()]
     return {

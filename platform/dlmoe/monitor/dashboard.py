@@ -91,8 +91,7 @@ class Dashboard:
         if run is None:
             return self._unknown_run(run_id, html=False)
         steps = sorted(self.store.expert_load(run_id).by_step)
-        return self._json({"status": run.status, "step": run.step, "signature": f"{run.status}:{run.step}:"
-                                                                                f"{len(steps)}"})
+        return self._json({"status": run.status, "step": run.step, "signature": pages.signature(run, steps)})
 
     def _unknown_run(self, run_id: str, *, html: bool) -> tuple[int, str, bytes]:
         message = f"No run with id '{run_id}' in the tracking store at {self.store.uri}."

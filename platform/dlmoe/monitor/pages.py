@@ -195,4 +195,10 @@ def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warni
 def _page_data(run: RunSummary, steps: list[int], refresh_s: float) -> dict[str, str]:
     return {"run-id": run.run_id, "live": "true" if run.status == "RUNNING" else "false",
             "refresh-ms": f"{refresh_s * 1000:.0f}",
-            "signature": f"{run.status}:{run.step}:{len(steps)}"}
+            "signature": signature(run, steps)}
+
+
+def signature(run: RunSummary, steps: list[int]) -> str:
+    """What changes while a run is live (status, newest step, logged expert-load steps): a live page reloads when
+    the dashboard's state answer no longer matches the one it was drawn with."""
+    return f"{run.status}:{run.step}:{len(steps)}"
