@@ -6,7 +6,7 @@ What is measured (CPU):
    local Ray; its final checkpoint holds DeepSpeed's non-expert file and 256 per-expert files. Under ZeRO-0
    (``--zero-stage``, tiny.yaml's) the non-expert file also carries rank 0's optimizer state, which the exporter
    must hash but never reads; from ZeRO-1 on that state lives in other files.
-2. *export*: ``export_checkpoint(run, out)`` — find the newest checkpoint, check each model file's sha256, read the
+2. *export*: ``export_checkpoint(run, out)`` — find the newest checkpoint, check each model file's checksum, read the
    non-expert and per-expert files, write the sharded safetensors folder, verify it, publish it.
 3. *safetensors alone*: ``load_file`` every shard of the exported folder and ``save_file`` it again elsewhere — the
    bytes a format conversion cannot avoid reading and writing.

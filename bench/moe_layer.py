@@ -14,6 +14,9 @@ Rows:
   autoep     DeepSpeed AutoEP's ``AutoEPMoELayer`` (autoep_size 1), obtained by running AutoEP's detection and
              replacement on a wrapper whose ``model.layers.0.mlp`` is our ``MoEBlock`` (fused 3-D experts:
              ``expert_w1=gate_up_proj``, ``expert_w2=down_proj``, ``expert_w3=None``). Compared with ours.
+  gemms      not a layer: ours' six grouped GEMMs alone (two forward, four backward), on ours' routed counts and
+             the same shapes, with operands prepared outside the clock — no router, sort, gather, SwiGLU or
+             combine. The ceiling of any layer built on these GEMMs: its "% of mm peak" bounds ours'.
 
 Each row runs in a fresh ``multiprocessing`` spawn subprocess. In it: build the layer (same seed, so the same
 router/expert weights and inputs in every row), measure the fp32 matmul peak (median of 5 reps of a
@@ -86,7 +89,7 @@ INIT_STD = 0.02
 WARMUP = 2
 SEED = 1234
 CHECK_ATOL = 1e-4
-IMPLS = ("ours", "naive", "deepspeed", "autoep")
+IMPLS = ("ours", "naive", "deepspeed", "autoep", "gemms")
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 MEMORY_METHOD = (
     "peak RSS of one extra iteration after the timed ones minus RSS right before it, in a fresh spawn subprocess "
@@ -167,6 +170,46 @@ class NaiveLoopMoE(nn.Module):
 
 class _Holder(nn.Module):
     """A bare module used to give our block the module path AutoEP looks for (``model.layers.0.mlp``)."""
+
+
+class _SixGemms(torch.autograd.Function):
+    """The ``gemms`` row: ours' two forward and four backward grouped GEMMs on prepared operands."""
+
+    @staticmethod
+    def forward(ctx: Any, x_TD: torch.Tensor, operands: dict[str, torch.Tensor]) -> torch.Tensor:
+        from dlmoe.model.moe import _grouped_mm
+
+        o = operands
+        ctx.operands = o
+        _grouped_mm(o["x_ND"], o["gate_up"].transpose(-2, -1), o["offs"])
+        _grouped_mm(o["act_NI"], o["down"].transpose(-2, -1), o["offs"])
+        return x_TD.clone()  # an output of the input's shape for the harness (a 4 MB copy)
+
+    @staticmethod
+    def backward(ctx: Any, grad_TD: torch.Tensor) -> tuple[torch.Tensor, None]:
+        from dlmoe.model.moe import _grouped_mm
+
+        o = ctx.operands
+        _grouped_mm(o["grad_ND"], o["down"], o["offs"])
+        _grouped_mm(o["grad_ND"].t(), o["act_NI"], o["offs"])
+        _grouped_mm(o["grad_h_NH"].t(), o["x_ND"], o["offs"])
+        _grouped_mm(o["grad_h_NH"], o["gate_up"], o["offs"])
+        return grad_TD, None
+
+
+def _gemm_operands(block: MoEBlock, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ours' routing of ``x`` and seeded operands of the shapes its six grouped GEMMs see."""
+    with torch.no_grad():
+        _, _, _, experts_TK = block.gate(x)
+        order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
+        counts_E = torch.bincount(experts_TK.reshape(-1), minlength=NUM_EXPERTS)
+    gen = torch.Generator().manual_seed(SEED + 1)
+    slots = order_N.numel()
+    return {"x_ND": x[order_N // TOP_K].contiguous(), "offs": torch.cumsum(counts_E, 0, dtype=torch.int32),
+            "act_NI": torch.randn(slots, INTERMEDIATE, generator=gen),
+            "grad_ND": torch.randn(slots, HIDDEN, generator=gen),
+            "grad_h_NH": torch.randn(slots, 2 * INTERMEDIATE, generator=gen),
+            "gate_up": block.experts.gate_up_proj.detach(), "down": block.experts.down_proj.detach()}
 
 
 def _wrap_for_autoep(block: nn.Module) -> nn.Module:
@@ -308,6 +351,16 @@ def _setup(impl: str, tokens: int) -> tuple[Callable[[torch.Tensor], torch.Tenso
                     matches=bool(d_out <= CHECK_ATOL and d_grad <= CHECK_ATOL))
         del block  # the replaced source module is no longer part of any live graph
         return autoep_fn, list(layer.parameters()), x, grad, info
+
+    if impl == "gemms":
+        operands = _gemm_operands(block, x)
+
+        def gemms_fn(t: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = _SixGemms.apply(t, operands)  # type: ignore[no-untyped-call]
+            return out
+
+        info["check"] = "not a layer: its GEMMs only"
+        return gemms_fn, [], x, grad, info
 
     raise ValueError(f"unknown implementation {impl!r}")
 
@@ -463,7 +516,7 @@ def main() -> None:
     ours = next((r for r in rows if r["impl"] == "ours" and "median_ms" in r), None)
     ratios: dict[str, float | None] = {}
     print()
-    for name in ("deepspeed", "naive", "autoep"):
+    for name in ("deepspeed", "naive", "autoep", "gemms"):
         r = next((r for r in rows if r["impl"] == name), None)
         if r is None:
             continue

@@ -257,13 +257,27 @@ def test_verify_folder_catches_a_shard_that_lost_a_tensor(tmp_path: Path) -> Non
         verify_folder(folder, model.config)
 
 
-def test_writing_copies_only_the_tensors_that_share_a_storage() -> None:
-    from dlmoe.export.writer import _standalone
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_shards_hold_exactly_the_bytes_given_views_and_ties_included(dtype: torch.dtype,
+                                                                                 tmp_path: Path) -> None:
+    model = make_model(tie_word_embeddings=True)
+    tensors = to_hf(model.state_dict(), model.config)  # experts: views of the fused weights; lm_head: a tie
+    folder = write_folder(tmp_path / "out", model.config, lambda names: {n: tensors[n] for n in names}, dtype=dtype,
+                          facts={}, max_shard_bytes=100_000)
+    shards = sorted(folder.glob("*.safetensors"))
+    assert len(shards) > 1
+    read = {k: v for shard in shards for k, v in load_file(shard).items()}  # safetensors' own reader
+    assert sorted(read) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert read[name].dtype == dtype and torch.equal(read[name], tensor.to(dtype)), name
 
-    base, own = torch.arange(12.0).reshape(3, 4), torch.ones(2, 2)
-    out = _standalone({"view": base[1], "own": own, "tie": own, "base": base}, torch.float32)
-    assert out["own"].data_ptr() == own.data_ptr() and out["base"].data_ptr() == base.data_ptr()  # no copy
-    assert out["view"].untyped_storage().nbytes() == 16 and torch.equal(out["view"], base[1])  # a view: copied
-    assert out["tie"].data_ptr() != own.data_ptr() and torch.equal(out["tie"], own)  # a tie: copied
-    halves = _standalone({"own": own}, torch.bfloat16)["own"]
-    assert halves.dtype == torch.bfloat16 and torch.equal(halves.float(), own)
+
+def test_a_tensor_of_the_wrong_shape_is_named_and_nothing_is_published(tmp_path: Path) -> None:
+    model = make_model()
+    tensors = to_hf(model.state_dict(), model.config)
+    bad = "model.layers.1.mlp.experts.3.down_proj.weight"
+    tensors[bad] = tensors[bad][:, :-1]
+    with pytest.raises(ExportError, match=rf"{bad} has shape \(64, 31\), the model's config says \(64, 32\)"):
+        write_folder(tmp_path / "out", model.config, lambda names: {n: tensors[n] for n in names},
+                     dtype=torch.float32, facts={})
+    assert list(tmp_path.iterdir()) == []

@@ -1,12 +1,19 @@
 """Writing model folders in the release's format: shard by shard from any source of release-keyed tensors
 (``write_folder``; ``save_pretrained`` for a model in memory), verified before they are published
-(``verify_folder``)."""
+(``verify_folder``).
+
+A shard's safetensors file is written here rather than by ``safetensors.torch.save_file``: its header comes from
+the model config (names, shapes, dtype) and each tensor's bytes are written straight from its memory, so a view
+(an expert split from the fused weights) or a tie (a tied ``lm_head``) needs no copy and the per-tensor bookkeeping
+of ``save_file`` is skipped. ``verify_folder`` then reads every file back with safetensors itself.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +21,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dlmoe import __version__
 from dlmoe.errors import ExportError
@@ -72,19 +78,18 @@ def save_pretrained(model: DiffusionMoE, out_dir: str | Path, *, tokenizer: Any 
 
 def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable[[list[str]], dict[str, torch.Tensor]],
                  *, dtype: torch.dtype, facts: dict[str, Any], tokenizer: Any | None = None,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 before_publish: Callable[[], None] | None = None) -> Path:
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a release-format folder shard by shard: ``tensors_for(names)`` gives the release-keyed tensors of one
     shard, so no more than a shard's worth is held at once. The folder is staged next to the target, verified
-    (every tensor exactly once, with its shape; the index's total size equal to the bytes written), checked by
-    ``before_publish`` (which raises to abandon it) and only then moved into place: a crash leaves the previous
-    folder or none."""
+    (every tensor exactly once, with its shape; the index's total size equal to the bytes written) and only then
+    moved into place: a crash leaves the previous folder or none."""
     target = Path(out_dir)
     _check_target(target)
     if max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     nbytes = tensor_bytes(config, dtype)
     shards = _shard(list(nbytes), nbytes, max_shard_bytes)
+    shapes = hf_tensor_shapes(config)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -96,7 +101,7 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
             if sorted(given) != sorted(shard):
                 raise ExportError(f"shard {filename}: the source gave {sorted(set(given) ^ set(shard))[:5]} "
                                   f"other than the tensors asked for")
-            save_file(_standalone(given, dtype), str(staging / filename), metadata={"format": "pt"})
+            _write_safetensors(staging / filename, {name: (given[name], shapes[name]) for name in shard}, dtype)
             weight_map.update(dict.fromkeys(shard, filename))
         total = sum(nbytes.values())
         _write_json(staging / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -106,8 +111,6 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
         if tokenizer is not None:
             tokenizer.save(staging)
         verify_folder(staging, config)
-        if before_publish is not None:
-            before_publish()
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired / target.name)
@@ -121,23 +124,32 @@ def write_folder(out_dir: str | Path, config: ModelConfig, tensors_for: Callable
     return target
 
 
-def _standalone(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The tensors as safetensors stores them: on the CPU in ``dtype``, each alone in its storage. safetensors
-    refuses tensors that share a storage, so a view of a larger one (an expert split from the fused weights) or a
-    tie (a tied lm_head) is copied; a tensor that already owns its storage — an expert file's, read memory-mapped —
-    is written as it is, without an extra copy of its bytes."""
-    out: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, value in tensors.items():
-        tensor = value.detach().to(device="cpu", dtype=dtype)
-        storage = tensor.untyped_storage()
-        owns = (tensor.is_contiguous() and tensor.storage_offset() == 0
-                and storage.nbytes() == tensor.numel() * tensor.element_size())
-        if not owns or storage.data_ptr() in storages:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        storages.add(tensor.untyped_storage().data_ptr())
-        out[name] = tensor
-    return out
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[torch.Tensor, tuple[int, ...]]],
+                       dtype: torch.dtype) -> None:
+    """Write ``tensors`` (each with the shape the config gives it) to one safetensors file in ``dtype``, in order."""
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ExportError(f"cannot write {dtype} tensors to {path.name}: one of "
+                          f"{', '.join(str(d) for d in SAFETENSORS_DTYPES)} is needed")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    data = []
+    offset = 0
+    for name, (value, shape) in tensors.items():
+        tensor = value.detach().to(device="cpu", dtype=dtype).contiguous()
+        if tuple(tensor.shape) != shape:
+            raise ExportError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the model's config says {shape}")
+        data.append(tensor.reshape(-1).view(torch.uint8).numpy())
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + data[-1].nbytes]}
+        offset += data[-1].nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the tensors start 8-byte aligned
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)) + encoded)
+        for chunk in data:
+            handle.write(chunk.data)
 
 
 def tensor_bytes(config: ModelConfig, dtype: torch.dtype) -> dict[str, int]:
