@@ -13,12 +13,15 @@ What is measured (fp32, CPU):
    *full stack*: ``run_training`` (a local Ray with 2 CPUs, ``parallel.num_workers`` 1 then 2 with ``ep_size`` 2,
    ZeRO-1, no mid-run checkpoints, no tracking, no export) — the workers' own steady-state tokens/s (the second
    half of the steps: the first ones share the cores with Ray's own actors starting up).
+   With ``--repeats R`` the plain loop and the 1-worker full stack run R times, alternating; the table gives the
+   medians, and the ratio is the median of the R pairs' ratios (all of them are printed).
 2. MFU: one ``tiny`` training step (forward, loss, backward, AdamW) at batch 4 × 512, median of ``--iters`` after
    a warm-up; model FLOPs = 6 · active non-embedding parameters · tokens + attention (12 · layers · seq_len ·
    hidden · tokens); divided by the median fp32 ``torch.mm`` 2048³ rate measured in the same process.
 
 Run (from the repository root):
     .venv/bin/python bench/training.py        # defaults: --job jobs/tiny.yaml --steps 40 --seq-len 256 --batch 8
+    .venv/bin/python bench/training.py --repeats 3            # the headline ratio from 3 alternating pairs
     .venv/bin/python bench/training.py --json /tmp/training.json
 """
 
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch per worker share)")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1, help="alternating plain / 1-worker full-stack pairs")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     storage = tempfile.mkdtemp(prefix="dlmoe-bench-train-")
@@ -137,20 +141,27 @@ def main() -> None:
               f"data.micro_batch_size={args.batch}"]
     torch.set_num_threads(2)
     contention = CpuContention()
-    results: dict[str, Any] = {"plain_tokens_per_s": plain_loop(args.job, common, args.steps)}
+    def full_stack(workers: int, name: str) -> float:
+        job = load_job_config(args.job, [*common, f"run_name={name}", f"parallel.num_workers={workers}",
+                                         f"parallel.ep_size={workers}"])
+        return run_training(job, progress=False).tokens_per_second
+
+    pairs = [(plain_loop(args.job, common, args.steps), full_stack(1, f"bench-w1-{r}")) for r in range(args.repeats)]
+    results: dict[str, Any] = {"plain_runs": [p for p, _ in pairs], "full_stack_w1_runs": [o for _, o in pairs],
+                               "pair_ratios": [o / p for p, o in pairs],
+                               "plain_tokens_per_s": statistics.median(p for p, _ in pairs),
+                               "full_stack_w1_tokens_per_s": statistics.median(o for _, o in pairs)}
     with one_rank_group("gloo"):  # one group for both: DeepSpeed keeps the groups of the first it sees
         for live in (False, True):
             results[f"engine_{'live' if live else 'preread'}_tokens_per_s"] = engine_loop(args.job, common,
                                                                                           args.steps, live=live)
-    for workers in (1, 2):
-        job = load_job_config(args.job, [*common, f"run_name=bench-w{workers}", f"parallel.num_workers={workers}",
-                                         f"parallel.ep_size={workers}"])
-        results[f"full_stack_w{workers}_tokens_per_s"] = run_training(job, progress=False).tokens_per_second
+    results["full_stack_w2_tokens_per_s"] = full_stack(2, "bench-w2")
     results["tiny"] = tiny_mfu(args.iters)
     results["other_cores_busy"] = contention.others_cores()
     plain, one, two = (results[k] for k in ("plain_tokens_per_s", "full_stack_w1_tokens_per_s",
                                             "full_stack_w2_tokens_per_s"))
     tiny = results["tiny"]
+    ratios = ", ".join(f"{r:.3f}" for r in results["pair_ratios"])
     print(f"\n{args.steps} steps of {args.job} ({args.batch} x {args.seq_len} tokens per step); torch "
           f"{torch.__version__}; processes other than this one (Ray workers included) kept "
           f"{results['other_cores_busy']:.2f} cores busy\n")
@@ -161,8 +172,11 @@ def main() -> None:
                        ("engine_live", "the same, batches streamed by `TokenStream`")):
         rate = results[f"{key}_tokens_per_s"]
         print(f"| {label} | {rate:,.0f} | {rate / plain:.2f} |")
-    print(f"| Ray Train + DeepSpeed, 1 worker | {one:,.0f} | {one / plain:.2f} |")
+    print(f"| Ray Train + DeepSpeed, 1 worker | {one:,.0f} | {statistics.median(results['pair_ratios']):.2f} |")
     print(f"| Ray Train + DeepSpeed, 2 workers, EP 2 | {two:,.0f} | {two / plain:.2f} (× 1 worker: {two / one:.2f}) |")
+    if args.repeats > 1:
+        print(f"\n1 worker / plain, pair by pair ({args.repeats} alternating pairs; the table gives the medians): "
+              f"{ratios}")
     print(f"\ntiny step (batch {tiny['tokens'] // 512} x 512): {tiny['step_s'] * 1e3:.0f} ms, {tiny['gflops']:.1f} "
           f"GFLOP/s of model FLOPs = {tiny['mfu']:.1%} of the {tiny['peak_gflops']:.0f} GFLOP/s fp32 matmul peak")
     if args.json:

@@ -147,8 +147,8 @@ class _NotPlainTensors(Exception):
 class _TensorDictUnpickler(pickle.Unpickler):
     """Reads the pickle of a ``torch.save`` file that holds a flat dict of CPU tensors — what DeepSpeed writes for
     each expert — with every tensor a view of the memory-mapped file. It knows only the four globals such a pickle
-    names (so it never runs code from the file) and does none of ``torch.load``'s per-tensor bookkeeping: on the
-    256 expert files of a ``tiny`` checkpoint it takes ~40 % of ``torch.load``'s time (bench/export.py)."""
+    names (so it never runs code from the file) and does none of ``torch.load``'s per-tensor bookkeeping, most of
+    the cost of reading many small expert files (BENCHMARKS.md, Export)."""
 
     def __init__(self, path: Path) -> None:
         self.reader = torch._C.PyTorchFileReader(str(path))
