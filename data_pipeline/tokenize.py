@@ -34,6 +34,7 @@ from tokenizers import Tokenizer as Backend
 from tqdm import tqdm
 
 from data_pipeline import storage
+from data_pipeline.jsonl import jsonl_records
 from data_pipeline.ray_jobs import ensure_ray
 from data_pipeline.shards import (
     HELDOUT_FOLDER,
@@ -137,19 +138,13 @@ def _documents(uri: str, spec: dict[str, Any]) -> Iterator[Any]:
         if text:
             yield text
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{uri} line {number} is not valid JSON: {exc}") from exc
+    for at, record in jsonl_records(text, uri):
         if spec["sft"]:
-            yield _sft_pair(record, f"{uri} line {number}")
+            yield _sft_pair(record, at)
             continue
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"{uri} line {number} has no string field '{text_field}' (--text-field)")
+            raise DataError(f"{at}: no string field '{text_field}' (--text-field)")
         if value:
             yield value
 

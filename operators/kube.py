@@ -79,15 +79,21 @@ def patch_job_spec(namespace: str, name: str, patch: dict[str, Any]) -> None:
                                              _content_type=MERGE_PATCH)
 
 
-def configmap_text(namespace: str, name: str, key: str, field: str) -> str:
-    """The text under ``key`` of ConfigMap ``name``; ``InputMissing`` naming ``field`` when either is absent."""
+def _input_data(kind: str, namespace: str, name: str, field: str) -> dict[str, Any]:
+    """The data of the ConfigMap or Secret (``kind``) ``name``; ``InputMissing`` naming ``field`` when it is absent."""
+    read = _core().read_namespaced_config_map if kind == "ConfigMap" else _core().read_namespaced_secret
     try:
-        found = _core().read_namespaced_config_map(name, namespace)
+        found = read(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
-            raise InputMissing(f"{field}: ConfigMap {namespace}/{name} not found") from exc
+            raise InputMissing(f"{field}: {kind} {namespace}/{name} not found") from exc
         raise
-    data = found.data or {}
+    return dict(found.data or {})
+
+
+def configmap_text(namespace: str, name: str, key: str, field: str) -> str:
+    """The text under ``key`` of ConfigMap ``name``; ``InputMissing`` naming ``field`` when either is absent."""
+    data = _input_data("ConfigMap", namespace, name, field)
     if key not in data:
         raise InputMissing(f"{field}: ConfigMap {namespace}/{name} has no key {key!r} (keys: {sorted(data)})")
     return str(data[key])
@@ -95,13 +101,8 @@ def configmap_text(namespace: str, name: str, key: str, field: str) -> str:
 
 def check_secret(namespace: str, name: str, keys: tuple[str, ...], field: str) -> None:
     """``InputMissing`` naming ``field`` unless Secret ``name`` exists and holds every key in ``keys``."""
-    try:
-        found = _core().read_namespaced_secret(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            raise InputMissing(f"{field}: Secret {namespace}/{name} not found") from exc
-        raise
-    missing = [k for k in keys if k not in (found.data or {})]
+    data = _input_data("Secret", namespace, name, field)
+    missing = [k for k in keys if k not in data]
     if missing:
         raise InputMissing(f"{field}: Secret {namespace}/{name} has no key(s) {', '.join(missing)}")
 

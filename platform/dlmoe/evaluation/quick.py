@@ -7,7 +7,6 @@ is the check to run on a fresh export, offline, before the lm-evaluation-harness
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from data_pipeline.jsonl import jsonl_records
 from dlmoe.diffusion import GenerationSettings, generate
 from dlmoe.errors import DataError
 from dlmoe.evaluation.loading import LoadedModel
@@ -53,26 +53,20 @@ def read_pairs(path: str | Path, limit: int | None = None) -> list[tuple[str, st
     file and line number."""
     file = Path(path)
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"quick-check file {file} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read quick-check file {file}: {exc}") from exc
     pairs: list[tuple[str, str]] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    for at, record in jsonl_records(text, str(file)):
         if not isinstance(record, dict):
-            raise DataError(f"{file}:{number}: expected an object {{\"prompt\": ..., \"answer\": ...}}, got "
+            raise DataError(f"{at}: expected an object {{\"prompt\": ..., \"answer\": ...}}, got "
                             f"{type(record).__name__}")
         for key in ("prompt", "answer"):
             if not isinstance(record.get(key), str):
                 found = "missing" if key not in record else f"a {type(record[key]).__name__}"
-                raise DataError(f"{file}:{number}: field '{key}' must be a string, it is {found}")
+                raise DataError(f"{at}: field '{key}' must be a string, it is {found}")
         pairs.append((record["prompt"], record["answer"]))
         if limit is not None and len(pairs) >= limit:
             break
