@@ -99,6 +99,16 @@ def test_a_corrupt_file_is_named_and_a_run_falls_back_to_the_checkpoint_before(r
     assert result.step == 2
 
 
+def test_a_target_that_cannot_be_written_is_not_taken_for_a_bad_checkpoint(runs: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("not a model")
+    with pytest.raises(ExportError, match="exists and is not a model folder; refusing to overwrite it"):
+        export_checkpoint(str(runs["ep2-zero1"]), str(occupied))
+    assert (occupied / "notes.txt").read_text() == "not a model"
+
+
 def test_missing_expert_files_are_named(runs: dict[str, Path], tmp_path: Path) -> None:
     _, newest = _copy_run(runs["ep2-zero1"], tmp_path)
     for expert in (3, 6):

@@ -189,6 +189,11 @@ def read_tensor_dict(path: Path) -> dict[str, Any]:
         loaded = None
     if isinstance(loaded, dict) and all(isinstance(v, torch.Tensor) for v in loaded.values()):
         return loaded
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    """Any DeepSpeed checkpoint file, memory-mapped (its tensors are read only where they are used)."""
     result: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return result
 
@@ -201,7 +206,6 @@ class _Tensors:
     """Release-keyed tensors of one checkpoint, read as shards ask for them."""
 
     def __init__(self, fetched: _Fetched) -> None:
-        self.fetched = fetched
         self.folder, self.config = fetched.folder, fetched.config
         self.expert_parallel = int(fetched.state["shape"]["parallel.ep_size"]) > 1
         # Memory-mapped: under ZeRO-0 this file also holds the optimizer state, which is never read.
@@ -235,10 +239,8 @@ class _Tensors:
     def _load(self, name: str) -> dict[str, Any]:
         path = self.folder / name
         try:
-            if name == MODEL_STATES:  # optimizer state and DeepSpeed's bookkeeping besides the weights
-                loaded: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-                return loaded
-            return read_tensor_dict(path)
+            # The non-expert file holds optimizer state and DeepSpeed's bookkeeping besides the weights.
+            return _torch_load(path) if name == MODEL_STATES else read_tensor_dict(path)
         except Exception as exc:
             raise ExportError(f"cannot read {path}: {exc}") from exc
 
@@ -255,7 +257,6 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
         for number, checkpoint in enumerate(candidates):
             try:
                 fetched = _fetch(checkpoint, Path(tmp) / f"checkpoint-{number}")
-                weights = _write(fetched, target, dtype)
                 break
             except ExportError as exc:
                 if not is_run:
@@ -263,14 +264,15 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
                 warnings.warn(f"passing over a checkpoint that does not verify: {exc}", stacklevel=2)
         else:
             raise ExportError(f"no checkpoint of {source} verifies")
+        weights = _write(fetched, target, dtype)  # past verification: its errors are the export's, not the source's
     nbytes = tensor_bytes(fetched.config, weights)
     return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(fetched.state.get("step", 0)),
                         tensors=len(nbytes), bytes=sum(nbytes.values()))
 
 
 def _write(fetched: _Fetched, target: Any, dtype: str | None) -> torch.dtype:
-    """Write ``fetched`` as a release-format folder at ``target``, published only once its files verify; returns
-    the weights' dtype."""
+    """Write the verified checkpoint ``fetched`` as a release-format folder at ``target``; returns the weights'
+    dtype."""
     state, config = fetched.state, fetched.config
     tensors = _Tensors(fetched)
     tokenizer_name = state["shape"].get("data.tokenizer", "byte")

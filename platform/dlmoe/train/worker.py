@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import xxhash
 
 STATE_FILE = "dlmoe_state.json"
 FAULT_MARK = "fault_injected"
@@ -74,19 +75,14 @@ def shape_changes(job: Any, state: dict[str, Any]) -> list[str]:
 
 
 CHECKSUM_ALGORITHM = "xxh3_128"
-
-
-def _hashers() -> dict[str, Any]:
-    import xxhash
-
-    return {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+HASHERS: dict[str, Any] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 
 
 def file_checksum(path: Path, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    """``algorithm:hex`` of a checkpoint file, hashed memory-mapped in one call (both hashes release the GIL for
-    the whole file, so threads can hash beside other work). The lists use xxHash3-128 — a check against corrupt or
-    changed files, not a signature — at ~9 GB/s on one core of the CI machine against sha256's ~1 GB/s."""
-    new = _hashers()[algorithm]
+    """``algorithm:hex`` of a checkpoint file, hashed memory-mapped in one call. The lists use xxHash3-128 — a check
+    against corrupt or changed files, not a signature — at ~9 GB/s on one core of the CI machine against sha256's
+    ~1 GB/s."""
+    new = HASHERS[algorithm]
     with path.open("rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
             return f"{algorithm}:{new().hexdigest()}"
@@ -101,9 +97,9 @@ def checksum_matches(path: Path, recorded: str) -> bool:
 
     algorithm, _, digest = recorded.rpartition(":")
     algorithm = algorithm or "sha256"
-    if algorithm not in _hashers():
+    if algorithm not in HASHERS:
         raise CheckpointError(f"the checksum of {path} is recorded as {algorithm}, which this dlmoe does not know "
-                              f"({', '.join(_hashers())})")
+                              f"({', '.join(HASHERS)})")
     return path.is_file() and file_checksum(path, algorithm) == f"{algorithm}:{digest}"
 
 
