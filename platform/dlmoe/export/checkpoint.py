@@ -14,7 +14,7 @@ config it was made with), every rank's checksum list of its files, and DeepSpeed
 Given a run, the exporter takes its newest checkpoint whose model files verify (a broken one is passed over with a
 warning). It writes the folder shard by shard — an expert file is read when its shard is written, so memory holds
 the non-expert weights and one shard. Every model file is checked against the checksum lists first (xxHash3,
-~9 GB/s: a fraction of the reading), so nothing is unpickled from a file that does not match and every file behind
+a fraction of the reading), so nothing is unpickled from a file that does not match and every file behind
 the folder has matched before it is published. A local folder is staged and moved into place;
 an ``s3://`` folder is staged locally and uploaded with ``config.json`` last (removed first when a previous export
 is overwritten), so a folder without ``config.json`` is never a finished one.
