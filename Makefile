@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint unit bench clean helm browser
+.PHONY: train test lint unit bench clean helm browser golden
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP) lint helm browser
 
 unit: $(STAMP)
 	$(BIN)/pytest -m unit
+
+# Rewrite the golden loss curves (tests/golden/) from a fresh run of their test, then show what changed.
+golden: $(STAMP)
+	DLMOE_REWRITE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_golden.py
+	@git --no-pager diff --stat -- tests/golden
+	@git --no-pager diff --word-diff=plain -- tests/golden
 
 # The chart tests run the real helm: the one on the PATH, else helm v4 fetched into .tools/ (DESIGN.md §5).
 helm:
