@@ -6,7 +6,7 @@ top-8 of softmax, vocabulary 157,184) cut to ``--layers`` 4 layers of ``--expert
 train it on the same random token batches with the masked-diffusion objective (no variable-length cut):
 
 - *stack*: what a worker runs — the DeepSpeed engine of ``dlmoe.parallel`` (bf16, ZeRO-1, clipping, AdamW, WSD) in a
-  one-process group, stepped by ``dlmoe.train.worker.train_step``;
+  one-process group, stepped by ``dlmoe.train.step.train_step``;
 - *plain*: the model in fp32 under ``torch.autocast(bfloat16)`` with fused AdamW and clipping.
 
 Model FLOPs per step are 6 · active parameters · tokens + attention 12 · layers · seq_len · hidden · tokens; they are
@@ -36,7 +36,7 @@ from dlmoe.config import load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective
 from dlmoe.model import build_model, count_parameters
 from dlmoe.parallel import parallelize
-from dlmoe.train.worker import objective_settings, train_step
+from dlmoe.train.step import objective_settings, train_step
 
 # Nominal dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts; no sparsity).
 NOMINAL_BF16_TFLOPS = {"H100 80GB HBM3": 989.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}

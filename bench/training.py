@@ -43,9 +43,9 @@ from dlmoe.config import load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.model import build_model, count_parameters, get_flavor
 from dlmoe.parallel import parallelize
+from dlmoe.parallel.schedule import lr_at
 from dlmoe.train.driver import prepare_dataset, run_training
-from dlmoe.train.schedule import lr_at
-from dlmoe.train.worker import objective_settings, train_step
+from dlmoe.train.step import objective_settings, train_step
 
 
 def plain_loop(job_file: str, overrides: list[str], steps: int) -> float:

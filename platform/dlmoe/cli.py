@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from dlmoe import __version__
 from dlmoe.errors import DlmoeError
+
+if TYPE_CHECKING:  # the sampler (torch) is imported by the commands that decode, not by every command
+    from dlmoe.diffusion import GenerationSettings
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -54,6 +58,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler's settings, as ``generate`` and ``eval`` take them (``_sampler_settings`` reads them back)."""
+    parser.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
+    parser.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="forward passes in all for low-confidence remasking (default: gen-length)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="confidence-threshold parallel decoding: commit every token above it (e.g. 0.9)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature (default 0)")
+
+
+def _sampler_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The ``GenerationSettings`` of ``_add_sampler_flags``' flags (and ``generate``'s EOS flags, where given)."""
+    from dlmoe.diffusion import GenerationSettings
+
+    return GenerationSettings(
+        gen_length=args.gen_length, block_length=args.block_length,
+        steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
+        temperature=args.temperature, stop_at_eos=not getattr(args, "no_stop_at_eos", False),
+        suppress_eos=getattr(args, "suppress_eos", False), seed=args.seed)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -61,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from data_pipeline.tokenizers import TOKENIZER_FILE, load_tokenizer
-    from dlmoe.diffusion import GenerationSettings, generate
+    from dlmoe.diffusion import generate
     from dlmoe.errors import DataError
     from dlmoe.export import load_pretrained
 
@@ -73,11 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
                         f"the model")
     tokenizer = load_tokenizer(folder, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                mask_id=config.mask_token_id)
-    settings = GenerationSettings(
-        gen_length=args.gen_length, block_length=args.block_length,
-        steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
-        temperature=args.temperature, stop_at_eos=not args.no_stop_at_eos, suppress_eos=args.suppress_eos,
-        seed=args.seed)
+    settings = _sampler_settings(args)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     total = settings.steps if settings.threshold is None else None
     with tqdm(total=total, desc="forward passes", unit="pass", disable=args.no_progress or args.json,
@@ -103,7 +125,6 @@ def _generate(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dlmoe.diffusion import GenerationSettings
     from dlmoe.evaluation import load_for_eval
     from dlmoe.evaluation.runner import EvalRequest, check_tasks, list_tasks, log_results, resolve_run, run_evaluation
     from dlmoe.tracking import default_tracking_uri
@@ -113,10 +134,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     if args.model_dir is None or args.tasks is None:
         raise DlmoeError("dlmoe eval needs MODEL_DIR and --tasks (or --list-tasks)")
-    settings = GenerationSettings(
-        gen_length=args.gen_length, block_length=args.block_length,
-        steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
-        temperature=args.temperature, seed=args.seed)
+    settings = _sampler_settings(args)
     request = EvalRequest(tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], generation=settings,
                           jsonl=args.jsonl, limit=args.limit, mc_samples=args.mc_samples,
                           mc_batch_size=args.mc_batch_size, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
@@ -267,13 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a saved Hugging Face model folder")
     gen.add_argument("model_dir", help="a folder written by dlmoe export / save_pretrained, with its tokenizer")
     gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat it for a batch")
-    gen.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
-    gen.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
-    gen.add_argument("--steps", type=int, default=None,
-                     help="forward passes in all for low-confidence remasking (default: gen-length)")
-    gen.add_argument("--threshold", type=float, default=None,
-                     help="confidence-threshold parallel decoding: commit every token above it (e.g. 0.9)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature (default 0)")
+    _add_sampler_flags(gen)
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     gen.add_argument("--no-stop-at-eos", action="store_true", help="decode every block even after an EOS")
     gen.add_argument("--suppress-eos", action="store_true", help="never generate EOS")
@@ -291,13 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples for lm_eval tasks")
     ev.add_argument("--include-path", default=None, metavar="DIR", help="a folder of extra lm_eval task YAMLs")
     ev.add_argument("--list-tasks", action="store_true", help="print every task name and exit")
-    ev.add_argument("--gen-length", type=int, default=64, help="answer length in tokens (default 64)")
-    ev.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block (default 32)")
-    ev.add_argument("--steps", type=int, default=None,
-                    help="forward passes in all for low-confidence remasking (default: gen-length)")
-    ev.add_argument("--threshold", type=float, default=None,
-                    help="confidence-threshold parallel decoding: commit every token above it (e.g. 0.9)")
-    ev.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature (default 0)")
+    _add_sampler_flags(ev)
     ev.add_argument("--mc-samples", type=int, default=64, help="Monte-Carlo draws per log-likelihood (default 64)")
     ev.add_argument("--mc-batch-size", type=int, default=32, help="draws per forward pass (default 32)")
     ev.add_argument("--no-greedy-check", action="store_true",

@@ -2,7 +2,8 @@
 
 Loading goes ``OmegaConf.structured`` (defaults, with the model section seeded from its flavor) → merge the YAML
 → merge ``key=value`` overrides → ``to_object``. Unknown keys and wrong types raise ``ConfigError`` naming the key
-and the file (or "command-line override"); cross-field rules live in ``validate``.
+and the file (or "command-line override"); each section's own rules live in its ``validate`` (checked through
+``Rules``), the rules across sections in ``JobConfig.validate``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,6 +27,34 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS_DIR = REPO_ROOT / "jobs"
 DEFAULT_JOB = JOBS_DIR / "debug.yaml"
 OVERRIDE_SOURCE = "command-line override"
+
+
+class Rules:
+    """The checks a section's ``validate`` applies; each failure is a ``ConfigError`` naming the key and
+    ``source`` (the file, with its overrides)."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(message, key=key, source=self.source)
+
+    def choice(self, key: str, value: str, options: tuple[str, ...]) -> None:
+        if value not in options:
+            shown = ", ".join(option or "'' (none)" for option in options)
+            self.fail(key, f"must be one of {shown}; got '{value}'")
+
+    def positive(self, key: str, value: float) -> None:
+        if value <= 0:
+            self.fail(key, f"must be positive, got {value}")
+
+    def non_negative(self, key: str, value: float, meaning: str = "") -> None:
+        if value < 0:
+            self.fail(key, f"must be non-negative{f' ({meaning})' if meaning else ''}, got {value}")
+
+    def within(self, key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+        if not (low <= value < high if high_open else low <= value <= high):
+            self.fail(key, f"must lie in [{low:g}, {high:g}{')' if high_open else ']'}, got {value}")
 
 
 @dataclass
@@ -52,6 +81,13 @@ class BalanceConfig:
     global_counts: bool = True
     bias_update_rate: float = 0.001
 
+    def validate(self, rules: Rules) -> None:
+        rules.choice("objective.balance.mode", self.mode, ("aux_loss", "aux_free", "none"))
+        rules.non_negative("objective.balance.aux_loss_coef", self.aux_loss_coef)
+        rules.non_negative("objective.balance.z_loss_coef", self.z_loss_coef)
+        if self.mode == "aux_free":
+            rules.positive("objective.balance.bias_update_rate", self.bias_update_rate)
+
 
 @dataclass
 class ObjectiveConfig:
@@ -62,6 +98,12 @@ class ObjectiveConfig:
     variable_length_prob: float = 0.01
     stratified_t: bool = False
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+
+    def validate(self, rules: Rules) -> None:
+        rules.choice("objective.kind", self.kind, ("pretrain", "sft"))
+        rules.within("objective.eps", self.eps, 0.0, 1.0, high_open=True)
+        rules.within("objective.variable_length_prob", self.variable_length_prob, 0.0, 1.0)
+        self.balance.validate(rules)
 
 
 @dataclass
@@ -87,6 +129,14 @@ class DataConfig:
 
         return f"{self.uri.rstrip('/')}/{HELDOUT_FOLDER}"
 
+    def validate(self, rules: Rules) -> None:
+        for key in ("seq_len", "global_batch_size", "micro_batch_size"):
+            rules.positive(f"data.{key}", getattr(self, key))
+        if self.validation == HELDOUT and not self.uri:
+            rules.fail("data.validation", "'heldout' is the held-out set dlmoe tokenize --validation-fraction carves "
+                                          "inside the dataset at data.uri; the embedded default corpus has none: set "
+                                          "data.uri")
+
 
 @dataclass
 class TrainConfig:
@@ -108,6 +158,19 @@ class TrainConfig:
     eval_every: int = 0     # validation loss every this many steps (and at the end); 0: none
     eval_batches: int = 2   # global batches of data.validation in the fixed validation set
 
+    def validate(self, rules: Rules) -> None:
+        rules.choice("train.schedule", self.schedule, ("constant", "cosine", "wsd"))
+        rules.choice("train.precision", self.precision, ("fp32", "bf16"))
+        for key in ("steps", "log_every", "lr", "eval_batches"):
+            rules.positive(f"train.{key}", getattr(self, key))
+        rules.non_negative("train.eval_every", self.eval_every, "0: no validation")
+        if not 0 <= self.warmup_steps < self.steps:
+            rules.fail("train.warmup_steps", f"must lie in [0, train.steps={self.steps}), got {self.warmup_steps}")
+        rules.within("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        rules.within("train.decay_fraction", self.decay_fraction, 0.0, 1.0)
+        rules.non_negative("train.grad_clip", self.grad_clip, "0 disables clipping")
+        rules.non_negative("train.max_failures", self.max_failures)
+
 
 @dataclass
 class ParallelConfig:
@@ -115,6 +178,13 @@ class ParallelConfig:
     use_gpu: bool = False
     ep_size: int = 1
     zero_stage: int = 0
+
+    def validate(self, rules: Rules) -> None:
+        rules.positive("parallel.num_workers", self.num_workers)
+        rules.positive("parallel.ep_size", self.ep_size)
+        if self.zero_stage not in (0, 1, 2):
+            rules.fail("parallel.zero_stage", f"must be 0, 1 or 2 (ZeRO-3 is not supported with expert "
+                                              f"parallelism), got {self.zero_stage}")
 
 
 @dataclass
@@ -130,6 +200,9 @@ class FaultInjectionConfig:
     def enabled(self) -> bool:
         return self.rank >= 0 and self.step >= 0
 
+    def validate(self, rules: Rules) -> None:
+        rules.choice("fault_injection.kind", self.kind, ("kill", "sigterm"))
+
 
 @dataclass
 class CheckpointConfig:
@@ -143,6 +216,13 @@ class CheckpointConfig:
     score_attribute: str = ""
     score_order: str = "min"
     sigterm_grace_s: float = 25.0  # how long a worker given SIGTERM may take to reach a checkpoint
+
+    def validate(self, rules: Rules) -> None:
+        rules.positive("checkpoint.every_steps", self.every_steps)
+        rules.positive("checkpoint.num_to_keep", self.num_to_keep)
+        rules.positive("checkpoint.sigterm_grace_s", self.sigterm_grace_s)
+        rules.choice("checkpoint.score_attribute", self.score_attribute, ("", "val_loss", "loss"))
+        rules.choice("checkpoint.score_order", self.score_order, ("min", "max"))
 
 
 @dataclass
@@ -158,6 +238,11 @@ class ExportConfig:
     uri: str = ""
     register: str = ""
     dtype: str = ""
+
+    def validate(self, rules: Rules) -> None:
+        if self.dtype not in ("", "bf16", "fp32"):
+            rules.fail("export.dtype", f"must be bf16, fp32 or empty (as trained); got '{self.dtype}'")
+        rules.non_negative("export.every_n_checkpoints", self.every_n_checkpoints, "0: no exports of checkpoints")
 
 
 @dataclass
@@ -177,6 +262,13 @@ class MonitorConfig:
     expert_load_every: int = 50
     mask_buckets: int = 5
     dead_fraction: float = 0.1
+
+    def validate(self, rules: Rules) -> None:
+        rules.positive("monitor.expert_load_every", self.expert_load_every)
+        rules.positive("monitor.mask_buckets", self.mask_buckets)
+        if not 0.0 <= self.dead_fraction < 1.0:
+            rules.fail("monitor.dead_fraction", f"must be in [0, 1) (a fraction of the fair share 1/E), got "
+                                                f"{self.dead_fraction}")
 
 
 @dataclass
@@ -212,113 +304,57 @@ class JobConfig:
         """sha256 of the resolved config (stable key order)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
+    @property
+    def endpoint_url(self) -> str | None:
+        """The S3 endpoint of every storage access of the job: ``data.endpoint_url``, or ``None`` for
+        ``AWS_ENDPOINT_URL`` or AWS's default."""
+        return self.data.endpoint_url or None
+
     def validate(self, source: str | None = None) -> None:
-        """Cross-field rules; raises ``ConfigError`` naming the offending key."""
+        """Every section's rules, then those across sections; raises ``ConfigError`` naming the offending key."""
         self.model.validate(source=source)
-
-        def fail(key: str, message: str) -> None:
-            raise ConfigError(message, key=key, source=source)
-
-        def choice(key: str, value: str, options: tuple[str, ...]) -> None:
-            if value not in options:
-                shown = ", ".join(option or "'' (none)" for option in options)
-                fail(key, f"must be one of {shown}; got '{value}'")
-
-        def positive(key: str, value: float) -> None:
-            if value <= 0:
-                fail(key, f"must be positive, got {value}")
-
-        m, o, d, t, p = self.model, self.objective, self.data, self.train, self.parallel
-        choice("objective.kind", o.kind, ("pretrain", "sft"))
-        choice("objective.balance.mode", o.balance.mode, ("aux_loss", "aux_free", "none"))
-        choice("train.schedule", t.schedule, ("constant", "cosine", "wsd"))
-        choice("train.precision", t.precision, ("fp32", "bf16"))
-        choice("fault_injection.kind", self.fault_injection.kind, ("kill", "sigterm"))
-        if self.export.dtype not in ("", "bf16", "fp32"):
-            fail("export.dtype", f"must be bf16, fp32 or empty (as trained); got '{self.export.dtype}'")
-        if self.export.every_n_checkpoints < 0:
-            fail("export.every_n_checkpoints", f"must be non-negative (0: no exports of checkpoints), got "
-                                               f"{self.export.every_n_checkpoints}")
+        rules = Rules(source)
+        for section in (self.objective, self.data, self.train, self.parallel, self.checkpoint, self.export,
+                        self.monitor, self.fault_injection):
+            section.validate(rules)
+        m, o, d, t, p, c = self.model, self.objective, self.data, self.train, self.parallel, self.checkpoint
         if self.export.register and not self.tracking.enabled:
-            fail("export.register", "registering exports in MLflow needs tracking.enabled=true")
-        if not 0.0 <= o.eps < 1.0:
-            fail("objective.eps", f"must lie in [0, 1), got {o.eps}")
-        if not 0.0 <= o.variable_length_prob <= 1.0:
-            fail("objective.variable_length_prob", f"must lie in [0, 1], got {o.variable_length_prob}")
-        for key, value in (("objective.balance.aux_loss_coef", o.balance.aux_loss_coef),
-                           ("objective.balance.z_loss_coef", o.balance.z_loss_coef)):
-            if value < 0:
-                fail(key, f"must be non-negative, got {value}")
-        if o.balance.mode == "aux_free":
-            positive("objective.balance.bias_update_rate", o.balance.bias_update_rate)
-        for key, ivalue in (("data.seq_len", d.seq_len), ("data.global_batch_size", d.global_batch_size),
-                            ("data.micro_batch_size", d.micro_batch_size), ("train.steps", t.steps),
-                            ("parallel.num_workers", p.num_workers), ("parallel.ep_size", p.ep_size),
-                            ("checkpoint.every_steps", self.checkpoint.every_steps),
-                            ("checkpoint.num_to_keep", self.checkpoint.num_to_keep),
-                            ("train.log_every", t.log_every), ("monitor.expert_load_every",
-                                                               self.monitor.expert_load_every),
-                            ("monitor.mask_buckets", self.monitor.mask_buckets)):
-            positive(key, ivalue)
-        if not 0.0 <= self.monitor.dead_fraction < 1.0:
-            fail("monitor.dead_fraction", f"must be in [0, 1) (a fraction of the fair share 1/E), got "
-                                          f"{self.monitor.dead_fraction}")
-        positive("train.lr", t.lr)
-        positive("checkpoint.sigterm_grace_s", self.checkpoint.sigterm_grace_s)
-        positive("train.eval_batches", t.eval_batches)
-        if t.eval_every < 0:
-            fail("train.eval_every", f"must be non-negative (0: no validation), got {t.eval_every}")
+            rules.fail("export.register", "registering exports in MLflow needs tracking.enabled=true")
         if t.eval_every and not d.validation:
-            fail("train.eval_every", "validation needs a held-out dataset in data.validation")
+            rules.fail("train.eval_every", "validation needs a held-out dataset in data.validation")
         if d.validation and not t.eval_every:
-            fail("data.validation", "set train.eval_every to say how often to evaluate it")
-        if d.validation == HELDOUT and not d.uri:
-            fail("data.validation", "'heldout' is the held-out set dlmoe tokenize --validation-fraction carves inside "
-                                    "the dataset at data.uri; the embedded default corpus has none: set data.uri")
-        c = self.checkpoint
-        choice("checkpoint.score_attribute", c.score_attribute, ("", "val_loss", "loss"))
-        choice("checkpoint.score_order", c.score_order, ("min", "max"))
+            rules.fail("data.validation", "set train.eval_every to say how often to evaluate it")
         if c.score_attribute == "val_loss" and (not t.eval_every or c.every_steps % t.eval_every):
-            fail("checkpoint.score_attribute", f"keeping checkpoints by val_loss needs a validation loss at every "
-                                               f"checkpoint: checkpoint.every_steps ({c.every_steps}) must be a "
-                                               f"multiple of train.eval_every ({t.eval_every})")
+            rules.fail("checkpoint.score_attribute", f"keeping checkpoints by val_loss needs a validation loss at "
+                                                     f"every checkpoint: checkpoint.every_steps ({c.every_steps}) "
+                                                     f"must be a multiple of train.eval_every ({t.eval_every})")
         if d.seq_len > m.max_position_embeddings:
-            fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+            rules.fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings "
+                                       f"{m.max_position_embeddings}")
         if d.global_batch_size % p.num_workers != 0:
-            fail("data.global_batch_size", f"{d.global_batch_size} is not a multiple of parallel.num_workers "
-                                           f"{p.num_workers}")
+            rules.fail("data.global_batch_size", f"{d.global_batch_size} is not a multiple of parallel.num_workers "
+                                                 f"{p.num_workers}")
         share = d.global_batch_size // p.num_workers
         if share % self.micro_batch_per_worker != 0:
-            fail("data.micro_batch_size", f"a worker's share of the global batch, {share}, is not a multiple of "
-                                          f"its micro-batch {self.micro_batch_per_worker}")
+            rules.fail("data.micro_batch_size", f"a worker's share of the global batch, {share}, is not a multiple "
+                                                f"of its micro-batch {self.micro_batch_per_worker}")
         if m.num_experts % p.ep_size != 0:
-            fail("parallel.ep_size", f"{p.ep_size} does not divide model.num_experts {m.num_experts}")
+            rules.fail("parallel.ep_size", f"{p.ep_size} does not divide model.num_experts {m.num_experts}")
         if p.num_workers % p.ep_size != 0:
-            fail("parallel.ep_size", f"{p.ep_size} does not divide parallel.num_workers {p.num_workers}")
-        if p.zero_stage not in (0, 1, 2):
-            fail("parallel.zero_stage", f"must be 0, 1 or 2 (ZeRO-3 is not supported with expert parallelism), "
-                                        f"got {p.zero_stage}")
-        if not 0 <= t.warmup_steps < t.steps:
-            fail("train.warmup_steps", f"must lie in [0, train.steps={t.steps}), got {t.warmup_steps}")
-        if not 0.0 <= t.min_lr_ratio <= 1.0:
-            fail("train.min_lr_ratio", f"must lie in [0, 1], got {t.min_lr_ratio}")
-        if not 0.0 <= t.decay_fraction <= 1.0:
-            fail("train.decay_fraction", f"must lie in [0, 1], got {t.decay_fraction}")
-        if t.grad_clip < 0:
-            fail("train.grad_clip", f"must be non-negative (0 disables clipping), got {t.grad_clip}")
+            rules.fail("parallel.ep_size", f"{p.ep_size} does not divide parallel.num_workers {p.num_workers}")
         if self.export.enabled and o.balance.mode == "aux_free":
-            fail("objective.balance.mode", "aux_free biases expert selection, which the release's Hugging Face format "
-                                           "cannot express; use aux_loss or none, or set export.enabled=false")
+            rules.fail("objective.balance.mode", "aux_free biases expert selection, which the release's Hugging Face "
+                                                 "format cannot express; use aux_loss or none, or set "
+                                                 "export.enabled=false")
         if self.export.enabled and m.norm_topk_prob:
-            fail("model.norm_topk_prob", "the release's modeling code never renormalises top-k weights, so an "
-                                         "export would compute other logits; set it to false or export.enabled=false")
-        if t.max_failures < 0:
-            fail("train.max_failures", f"must be non-negative, got {t.max_failures}")
+            rules.fail("model.norm_topk_prob", "the release's modeling code never renormalises top-k weights, so an "
+                                               "export would compute other logits; set it to false or "
+                                               "export.enabled=false")
         if self.fault_injection.rank >= p.num_workers:
-            fail("fault_injection.rank", f"{self.fault_injection.rank} is not a worker rank "
-                                         f"(parallel.num_workers {p.num_workers})")
+            rules.fail("fault_injection.rank", f"{self.fault_injection.rank} is not a worker rank "
+                                               f"(parallel.num_workers {p.num_workers})")
         if not self.run_name or "/" in self.run_name:
-            fail("run_name", f"must be a non-empty name without '/', got '{self.run_name}'")
+            rules.fail("run_name", f"must be a non-empty name without '/', got '{self.run_name}'")
 
 
 def _to_config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:

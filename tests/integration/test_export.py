@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from safetensors import safe_open
 
 from data_pipeline import storage
+from dlmoe.checkpointing import find_checkpoints
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError, ExportError
@@ -21,7 +22,6 @@ from dlmoe.export import load_pretrained
 from dlmoe.export.checkpoint import export_checkpoint
 from dlmoe.export.remote import local_folder
 from dlmoe.train.driver import run_training
-from dlmoe.train.worker import run_checkpoint_states
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 JOB = ["train.steps=4", "train.warmup_steps=1", "checkpoint.every_steps=2", "tracking.enabled=false"]
@@ -83,7 +83,7 @@ def _copy_run(run: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A copy of a run to damage, and its newest checkpoint."""
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
-    return copy, Path(run_checkpoint_states(storage.resolve(str(copy)))[0][1])
+    return copy, Path(find_checkpoints(storage.resolve(str(copy)))[0].location.path)
 
 
 def test_a_corrupt_file_is_named_and_a_run_falls_back_to_the_checkpoint_before(runs: dict[str, Path],

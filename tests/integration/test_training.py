@@ -13,13 +13,13 @@ import torch
 from data_pipeline import storage
 from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
+from dlmoe.checkpointing import find_checkpoints
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError, DataError
 from dlmoe.export import load_pretrained
 from dlmoe.train.driver import TrainingResult, run_training
 from dlmoe.train.validation import Validation
-from dlmoe.train.worker import run_checkpoint_states
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false",
@@ -128,8 +128,8 @@ def test_checkpoints_in_s3_survive_a_crash_and_a_corrupt_one_is_passed_over(
 
     # Damage the newest checkpoint (step 6): relaunching for 2 more steps resumes from the one before (step 4).
     run = storage.resolve(f"{runs}/in-s3")
-    [newest] = [folder for step, folder, _ in run_checkpoint_states(run) if step == 6]
-    weights = storage.resolve(f"s3://{newest}/dlmoe/mp_rank_00_model_states.pt")
+    [newest] = [found.location for found in find_checkpoints(run) if found.step == 6]
+    weights = newest.child("dlmoe").child("mp_rank_00_model_states.pt")
     storage.write_bytes(weights, b"not a checkpoint")
     longer = run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={runs}", *two, "train.steps=8"]),
                           progress=False)
@@ -180,7 +180,7 @@ def test_heldout_validation_keeps_the_best_checkpoint_by_score(tmp_path: Path) -
     assert [step for step, _ in result.val_losses] == [2, 4, 6]
     worst_step, worst = max(result.val_losses, key=lambda item: item[1])
     assert result.best_score == pytest.approx(worst)
-    kept = {step: folder for step, folder, _ in run_checkpoint_states(storage.resolve(str(tmp_path / "best")))}
+    kept = {found.step: found.location.path for found in find_checkpoints(storage.resolve(str(tmp_path / "best")))}
     assert set(kept) == {worst_step, 6}
     assert Path(result.best_checkpoint).name == Path(kept[worst_step]).name
 

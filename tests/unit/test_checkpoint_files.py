@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dlmoe.checkpointing import checksum_matches, file_checksum, folder_checksums
 from dlmoe.errors import CheckpointError
 from dlmoe.export.checkpoint import read_tensor_dict
-from dlmoe.train.worker import _checksums, checksum_matches, file_checksum
 
 
 def test_a_flat_dict_of_tensors_reads_as_torch_load_reads_it(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def test_checksums_are_xxh3_and_catch_a_changed_byte(tmp_path: Path) -> None:
     (tmp_path / "dlmoe").mkdir()
     (tmp_path / "dlmoe" / "a.pt").write_bytes(b"weights" * 1000)
     (tmp_path / "empty").write_bytes(b"")
-    sums = _checksums(tmp_path)
+    sums = folder_checksums(tmp_path)
     assert sorted(sums) == ["dlmoe/a.pt", "empty"]
     assert all(digest.startswith("xxh3_128:") and len(digest) == len("xxh3_128:") + 32 for digest in sums.values())
     assert all(checksum_matches(tmp_path / name, digest) for name, digest in sums.items())

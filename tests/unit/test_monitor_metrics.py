@@ -16,7 +16,7 @@ from dlmoe.model.moe import RouterStats
 from dlmoe.monitor.artifact import FORMAT, ArtifactError, artifact_name, parse, step_of
 from dlmoe.monitor.metrics import ExpertLoadMonitor, ExpertLoadWindow, bucket_counts, mask_bins_B
 from dlmoe.tracking import Tracker
-from dlmoe.train.worker import objective_settings
+from dlmoe.train.step import objective_settings
 
 
 def routed(experts_TK: list[list[int]], num_experts: int) -> RouterStats:

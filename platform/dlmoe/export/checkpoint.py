@@ -1,6 +1,6 @@
 """A training checkpoint → the release's Hugging Face folder, for any expert-parallel size and ZeRO stage 0–2.
 
-A checkpoint, as the workers write it (train/worker.py), holds ``dlmoe_state.json`` (step, the run, and the model
+A checkpoint, in the format ``dlmoe.checkpointing`` defines, holds ``dlmoe_state.json`` (step, the run, and the model
 config it was made with), every rank's checksum list of its files, and DeepSpeed's files under the tag folder
 ``dlmoe/``. Two kinds of DeepSpeed file carry the weights; the optimizer files are not needed:
 
@@ -38,11 +38,11 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
-from dlmoe.errors import ExportError
+from dlmoe.checkpointing import CHECKSUM_FILE, STATE_FILE, TAG, CheckpointState, checksum_matches, find_checkpoints
+from dlmoe.errors import CheckpointError, ExportError
 from dlmoe.export.hf import to_hf
 from dlmoe.export.writer import tensor_bytes, write_folder, write_to_uri
 from dlmoe.model import ModelConfig
-from dlmoe.train.worker import CHECKSUM_FILE, STATE_FILE, TAG, checksum_matches, run_checkpoint_states
 
 MODEL_STATES = f"{TAG}/mp_rank_00_model_states.pt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,30 +65,27 @@ def checkpoint_candidates(source: str, endpoint_url: str | None = None) -> tuple
         return [where], False
     if not storage.exists(where):
         raise ExportError(f"{source} does not exist")
-    candidates = [storage.resolve(f"s3://{folder}" if where.is_s3 else folder, endpoint_url=endpoint_url)
-                  for _, folder, _ in run_checkpoint_states(where)]
+    candidates = [found.location for found in find_checkpoints(where)]
     if not candidates:
         raise ExportError(f"{source} is neither a checkpoint (no {STATE_FILE}) nor a run folder with checkpoints")
     return candidates, True
 
 
-def _expected_files(state: dict[str, Any], config: ModelConfig) -> list[str]:
+def _expected_files(state: CheckpointState, config: ModelConfig) -> list[str]:
     files = [MODEL_STATES]
-    if int(state["shape"]["parallel.ep_size"]) > 1:
+    if state.ep_size > 1:
         moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
         files += [f"{TAG}/layer_{k}_expert_{e}_mp_rank_00_model_states.pt"
                   for k in range(len(moe_layers)) for e in range(config.num_experts)]
     return files
 
 
-def _state_and_config(state_bytes: bytes, where: str) -> tuple[dict[str, Any], ModelConfig]:
+def _state_and_config(state_bytes: bytes, where: str) -> tuple[CheckpointState, ModelConfig]:
     try:
-        state = json.loads(state_bytes)
-        shape = state["shape"]
-        config = ModelConfig(**shape["model"], mask_token_id=shape["mask_token_id"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"{where}/{STATE_FILE} does not describe a dlmoe checkpoint: {exc}") from exc
-    return state, config
+        state = CheckpointState.from_json(state_bytes, f"{where}/{STATE_FILE}")
+        return state, state.model_config(f"{where}/{STATE_FILE}")
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 @dataclass
@@ -96,7 +93,7 @@ class _Fetched:
     """A checkpoint's model files in a local folder, and their checksums."""
 
     folder: Path
-    state: dict[str, Any]
+    state: CheckpointState
     config: ModelConfig
     uri: str
     sums: dict[str, str]
@@ -207,7 +204,7 @@ class _Tensors:
 
     def __init__(self, fetched: _Fetched) -> None:
         self.folder, self.config = fetched.folder, fetched.config
-        self.expert_parallel = int(fetched.state["shape"]["parallel.ep_size"]) > 1
+        self.expert_parallel = fetched.state.ep_size > 1
         # Memory-mapped: under ZeRO-0 this file also holds the optimizer state, which is never read.
         module = self._load(MODEL_STATES)["module"]
         module = {k.replace(".mlp.layer.router.gate.", ".mlp.gate."): v for k, v in module.items()}
@@ -266,7 +263,7 @@ def export_checkpoint(source: str, out: str, *, dtype: str | None = None,
             raise ExportError(f"no checkpoint of {source} verifies")
         weights = _write(fetched, target, dtype)  # past verification: its errors are the export's, not the source's
     nbytes = tensor_bytes(fetched.config, weights)
-    return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=int(fetched.state.get("step", 0)),
+    return ExportResult(uri=target.uri, checkpoint=checkpoint.uri, step=fetched.state.step,
                         tensors=len(nbytes), bytes=sum(nbytes.values()))
 
 
@@ -275,7 +272,7 @@ def _write(fetched: _Fetched, target: Any, dtype: str | None) -> torch.dtype:
     dtype."""
     state, config = fetched.state, fetched.config
     tensors = _Tensors(fetched)
-    tokenizer_name = state["shape"].get("data.tokenizer", "byte")
+    tokenizer_name = state.tokenizer
     tokenizer = byte_tokenizer() if tokenizer_name == "byte" else None
     if tokenizer is None and Path(tokenizer_name).exists():
         tokenizer = load_tokenizer(tokenizer_name, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
@@ -284,7 +281,7 @@ def _write(fetched: _Fetched, target: Any, dtype: str | None) -> torch.dtype:
         warnings.warn(f"the run's tokenizer {tokenizer_name} is not reachable here; exporting without tokenizer "
                       f"files", stacklevel=2)
     weights = DTYPES[dtype] if dtype else tensors.dtype
-    facts = {"flavor": state.get("flavor"), "step": state.get("step"), "source_run": state.get("run_name"),
+    facts = {"flavor": state.flavor, "step": state.step, "source_run": state.run_name,
              "source_checkpoint": fetched.uri}
     write_to_uri(target, lambda out: write_folder(out, config, tensors, dtype=weights, tokenizer=tokenizer,
                                                   facts=facts))

@@ -1,5 +1,5 @@
 """Model folders at any URI (a local path or ``s3://``): what ``model.init_from`` reads to start training from a
-release-format folder — the official release or one of our exports."""
+release-format folder — the official release or one of our exports — and how its weights are loaded."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from dlmoe.errors import ExportError
-from dlmoe.export.hf import CONFIG_FILE, DLMOE_FILE, config_from_hf
-from dlmoe.model import ModelConfig
+from dlmoe.export.hf import CONFIG_FILE, DLMOE_FILE, config_from_hf, read_state
+from dlmoe.model import DiffusionMoE, ModelConfig
 
 
 @contextlib.contextmanager
@@ -54,3 +56,12 @@ def config_differences(job: ModelConfig, folder: ModelConfig) -> list[str]:
     """The model fields on which a job and a folder disagree, each with both values."""
     return [f"{name} (job {getattr(job, name)!r}, folder {getattr(folder, name)!r})"
             for name in job.__dataclass_fields__ if getattr(job, name) != getattr(folder, name)]
+
+
+def load_weights(model: DiffusionMoE, uri: str, endpoint_url: str | None = None) -> None:
+    """Load the weights of the release-format folder at ``uri`` into a freshly built (whole, not yet expert-parallel)
+    model; the parallelize step then gives each rank its experts, whatever the expert-parallel size."""
+    with local_folder(uri, endpoint_url) as folder:
+        state = read_state(folder, model.config)
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()}, strict=True)

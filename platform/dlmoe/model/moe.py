@@ -121,6 +121,25 @@ class GroupedExperts(nn.Module):
         return out
 
 
+def select_experts(logits_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLaDA-MoE's routing (reference §2): float32 softmax over all experts, then the top-k of the probabilities
+    (shifted by ``bias_E`` for the choice only). Returns (scores_TE, experts_TK)."""
+    scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    # Select with the bias, weigh without it (a zero bias selects exactly the unbiased top-k).
+    chosen_from = scores_TE.detach() if bias_E is None else scores_TE + bias_E
+    return scores_TE, torch.topk(chosen_from, top_k, dim=-1).indices
+
+
+def router_stats(logits_TE: torch.Tensor, scores_TE: torch.Tensor, experts_TK: torch.Tensor, num_experts: int,
+                 tokens_per_expert_E: torch.Tensor | None = None) -> RouterStats:
+    """The ``RouterStats`` of the routed tokens given (counted here unless ``tokens_per_expert_E`` is)."""
+    if tokens_per_expert_E is None:
+        tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+    return RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
+                       tokens_per_expert_E=tokens_per_expert_E.detach(), experts_TK=experts_TK.detach())
+
+
 class Router(nn.Module):
     """Softmax-then-top-k router (reference §2): float32 softmax over all experts, top-k of the probabilities,
     no renormalisation unless ``norm_topk_prob``.
@@ -142,9 +161,7 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (logits_TE, scores_TE, weights_TK in the input dtype, experts_TK)."""
         logits_TE = F.linear(x_TD, self.weight)
-        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        # Select with the bias, weigh without it (a zero bias selects exactly the unbiased top-k).
-        experts_TK = torch.topk(scores_TE + self.selection_bias_E, self.top_k, dim=-1).indices
+        scores_TE, experts_TK = select_experts(logits_TE, self.top_k, self.selection_bias_E)
         weights_TK = scores_TE.gather(-1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -178,8 +195,7 @@ class MoEBlock(nn.Module):
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
         if valid_T is not None:
-            logits_TE, scores_TE, experts_TK = logits_TE[valid_T], scores_TE[valid_T], experts_TK[valid_T]
-            tokens_per_expert_E = torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
-        stats = RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
-                            tokens_per_expert_E=tokens_per_expert_E.detach(), experts_TK=experts_TK.detach())
-        return out_TD.view(shape), stats
+            return out_TD.view(shape), router_stats(logits_TE[valid_T], scores_TE[valid_T], experts_TK[valid_T],
+                                                    self.num_experts)
+        return out_TD.view(shape), router_stats(logits_TE, scores_TE, experts_TK, self.num_experts,
+                                                tokens_per_expert_E)

@@ -18,7 +18,7 @@ DeepSpeed unchanged.
 
 The optimizer is built by DeepSpeed's call of our factory *after* AutoEP has replaced the blocks (a client
 optimizer made before would hold the replaced parameters), with the expert parameters in their own MoE groups as
-ZeRO requires. The learning rate follows ``dlmoe.train.schedule.lr_at`` step by step.
+ZeRO requires. The learning rate follows ``dlmoe.parallel.schedule.lr_at`` step by step.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from torch import nn
 from dlmoe.config import JobConfig
 from dlmoe.errors import ConfigError
 from dlmoe.model import DiffusionMoE, ModelConfig
-from dlmoe.model.moe import RouterStats
-from dlmoe.train.schedule import lr_at
+from dlmoe.model.moe import RouterStats, router_stats, select_experts
+from dlmoe.parallel.schedule import lr_at
 
 
 def autoep_section(config: ModelConfig, ep_size: int) -> dict[str, Any]:
@@ -90,11 +90,8 @@ class ExpertParallelMoE(nn.Module):
         logits_TE = F.linear(x_TD, router.gate.weight)
         if valid_T is not None:
             logits_TE = logits_TE[valid_T]
-        scores_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-        chosen = torch.topk(scores_TE.detach(), self.top_k, dim=-1).indices
-        counts = torch.bincount(chosen.reshape(-1), minlength=self.num_experts)
-        return out.reshape(x.shape), RouterStats(logits_TE=logits_TE.float(), scores_TE=scores_TE,
-                                                 tokens_per_expert_E=counts, experts_TK=chosen)
+        scores_TE, experts_TK = select_experts(logits_TE, self.top_k)
+        return out.reshape(x.shape), router_stats(logits_TE, scores_TE, experts_TK, self.num_experts)
 
 
 def _optimizer_factory(job: JobConfig) -> Any:

@@ -19,7 +19,7 @@ import torch
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
 from dlmoe.model import DiffusionMoE, build_model, get_flavor
 from dlmoe.model.config import BYTE_EOS_ID, BYTE_MASK_ID
-from dlmoe.train.schedule import lr_at
+from dlmoe.parallel.schedule import lr_at
 
 LETTERS = b"abcdefgh"
 DIGITS = b"0123456789"

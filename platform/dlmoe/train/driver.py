@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlmoe.config import HELDOUT, JobConfig
-from dlmoe.errors import ConfigError, DataError, DlmoeError
+from data_pipeline import storage
+from dlmoe import checkpointing
+from dlmoe.config import HELDOUT, JobConfig, job_from_dict
+from dlmoe.errors import ConfigError, DataError, DlmoeError, ExportError
 from dlmoe.tracking import open_run, tracking_uri
+from dlmoe.train.step import job_tokenizer
 
 
 @dataclass
@@ -54,10 +57,9 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
     ``data.validation`` dataset is checked against the job too."""
     uri = _training_dataset(job, progress=progress)
     if job.data.validation == HELDOUT:
-        from data_pipeline import storage
         from data_pipeline.shards import MANIFEST_FILE
 
-        held = storage.resolve(job.data.validation_uri, endpoint_url=job.data.endpoint_url or None)
+        held = storage.resolve(job.data.validation_uri, endpoint_url=job.endpoint_url)
         if not storage.exists(held.child(MANIFEST_FILE)):
             raise DataError(f"the dataset {job.data.uri} has no held-out set at {held.uri} (data.validation="
                             f"heldout): tokenize it with dlmoe tokenize --validation-fraction F")
@@ -67,7 +69,6 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
 
 
 def _training_dataset(job: JobConfig, *, progress: bool) -> str:
-    from data_pipeline import storage
     from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 
     if job.data.uri:
@@ -76,9 +77,9 @@ def _training_dataset(job: JobConfig, *, progress: bool) -> str:
     if job.data.tokenizer != "byte" or job.objective.kind != "pretrain":
         raise ConfigError("the default corpus is byte-level pretraining text; SFT or another tokenizer needs a "
                           "tokenized dataset in data.uri (dlmoe tokenize)", key="data.uri")
-    root = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
+    root = storage.resolve(job.checkpoint.storage, endpoint_url=job.endpoint_url)
     uri = root.child("data").child(f"stdlib-bytes-{job.data.seq_len}").uri
-    run_tokenize(TokenizeSpec(output=uri, seq_len=job.data.seq_len, endpoint_url=job.data.endpoint_url or None),
+    run_tokenize(TokenizeSpec(output=uri, seq_len=job.data.seq_len, endpoint_url=job.endpoint_url),
                  progress=progress)
     return uri
 
@@ -86,9 +87,8 @@ def _training_dataset(job: JobConfig, *, progress: bool) -> str:
 def _check_dataset(job: JobConfig, uri: str) -> None:
     """Fail here, before any worker starts, when a dataset does not fit the job."""
     from data_pipeline.shards import check_against_job, read_manifest
-    from dlmoe.train.worker import job_tokenizer
 
-    manifest = read_manifest(uri, endpoint_url=job.data.endpoint_url or None)
+    manifest = read_manifest(uri, endpoint_url=job.endpoint_url)
     tokenizer = job_tokenizer(job, job.model.to_model_config())
     check_against_job(manifest, uri, seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
                       kind=job.objective.kind)
@@ -100,9 +100,6 @@ def _check_dataset(job: JobConfig, uri: str) -> None:
 
 def _with_absolute_paths(job: JobConfig) -> JobConfig:
     """A copy of ``job`` whose local storage, data and tokenizer paths are absolute: Ray workers run elsewhere."""
-    from data_pipeline import storage
-    from dlmoe.config import job_from_dict
-
     absolute = job_from_dict(job.to_dict())
     for section, key in (("checkpoint", "storage"), ("data", "uri"), ("data", "validation"), ("model", "init_from")):
         value = getattr(getattr(absolute, section), key)
@@ -116,13 +113,12 @@ def _with_absolute_paths(job: JobConfig) -> JobConfig:
 
 def check_init_from(job: JobConfig) -> None:
     """Refuse, before any worker starts, a ``model.init_from`` folder whose model is not the job's."""
-    from dlmoe.errors import ExportError
     from dlmoe.export.remote import config_differences, folder_config
 
     if not job.model.init_from:
         return
     try:
-        found = folder_config(job.model.init_from, job.data.endpoint_url or None)
+        found = folder_config(job.model.init_from, job.endpoint_url)
     except (ExportError, ConfigError) as exc:
         raise ConfigError(f"cannot start from {job.model.init_from}: {exc}", key="model.init_from") from exc
     differences = config_differences(job.model.to_model_config(), found)
@@ -131,19 +127,12 @@ def check_init_from(job: JobConfig) -> None:
                           key="model.init_from")
 
 
-def check_resumable(job: JobConfig, run: Any) -> None:
+def check_resumable(job: JobConfig) -> None:
     """Refuse, before any worker starts, to resume a run whose newest checkpoint the job's settings would break."""
-    from dlmoe.train.worker import run_checkpoint_states, shape_changes
-
-    states = run_checkpoint_states(run)
-    if not states:
-        return
-    newest = states[0][2]
-    changed = shape_changes(job, newest)
-    if changed:
-        raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {newest.get('step')}) was made "
-                          f"with other {', '.join(changed)}; keep them or use a new run_name", key="run_name",
-                          source=run.uri)
+    run = checkpointing.run_folder(job)
+    found = checkpointing.find_checkpoints(run)
+    if found:
+        checkpointing.check_resumable(job, found[0].state, run.uri)
 
 
 def ray_address() -> str | None:
@@ -174,7 +163,6 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from data_pipeline import storage
     from dlmoe.train.preemption import TorchWithSigterm
     from dlmoe.train.worker import train_loop_per_worker
 
@@ -188,8 +176,8 @@ def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     job = _with_absolute_paths(job)
     check_init_from(job)
     dataset = prepare_dataset(job, progress=progress)
-    where = storage.resolve(job.checkpoint.storage, endpoint_url=job.data.endpoint_url or None)
-    check_resumable(job, where.child(job.run_name))
+    where = storage.resolve(job.checkpoint.storage, endpoint_url=job.endpoint_url)
+    check_resumable(job)
     if not where.is_s3:
         Path(where.path).mkdir(parents=True, exist_ok=True)
     # A CPU worker takes its share of the cluster's CPUs and runs that many torch threads (Ray would otherwise

@@ -20,21 +20,25 @@ from typing import Any
 
 import torch
 
+from data_pipeline import storage
+from dlmoe.checkpointing import find_checkpoints, run_folder
+from dlmoe.config import JobConfig, job_from_dict
+from dlmoe.errors import ExportError
+from dlmoe.export import model_from_state, save_pretrained
+from dlmoe.export.checkpoint import DTYPES, export_checkpoint
+from dlmoe.export.writer import write_to_uri
+from dlmoe.tracking import Tracker, register_model_version, tracking_uri
+from dlmoe.train.step import job_tokenizer
 
-def export_uri(job: Any, step: int | None = None) -> str:
+
+def export_uri(job: JobConfig, step: int | None = None) -> str:
     """Where the final model (``step`` None) or the export of the checkpoint at ``step`` goes."""
-    from data_pipeline import storage
-
-    endpoint = job.data.endpoint_url or None
-    base = job.export.uri or storage.resolve(job.checkpoint.storage, endpoint_url=endpoint).child(
-        job.run_name).child("hf").uri
+    base = job.export.uri or run_folder(job).child("hf").uri
     return base if step is None else f"{base.rstrip('/')}-step-{step:08d}"
 
 
-def register(job: Any, uri: str, step: int, run_id: str | None) -> str | None:
+def register(job: JobConfig, uri: str, step: int, run_id: str | None) -> str | None:
     """Register an export in the MLflow model registry when the job asks for it; returns the version."""
-    from dlmoe.tracking import register_model_version, tracking_uri
-
     if not job.export.register:
         return None
     return register_model_version(tracking_uri(job), job.export.register, uri, run_id=run_id,
@@ -43,27 +47,20 @@ def register(job: Any, uri: str, step: int, run_id: str | None) -> str | None:
 
 def export_checkpoint_task(job_dict: dict[str, Any], step: int, run_id: str | None) -> dict[str, Any]:
     """The Ray task: export the run's checkpoint of ``step`` and register it."""
-    from data_pipeline import storage
-    from dlmoe.config import job_from_dict
-    from dlmoe.errors import ExportError
-    from dlmoe.export.checkpoint import export_checkpoint
-    from dlmoe.train.worker import run_checkpoint_states
-
     job = job_from_dict(job_dict)
-    endpoint = job.data.endpoint_url or None
-    run = storage.resolve(job.checkpoint.storage, endpoint_url=endpoint).child(job.run_name)
-    folders = [folder for found, folder, _ in run_checkpoint_states(run) if found == step]
+    run = run_folder(job)
+    folders = [found.location.uri for found in find_checkpoints(run) if found.step == step]
     if not folders:
         raise ExportError(f"run {run.uri} has no checkpoint of step {step}")
-    source = f"s3://{folders[0]}" if run.is_s3 else folders[0]
-    result = export_checkpoint(source, export_uri(job, step), dtype=job.export.dtype or None, endpoint_url=endpoint)
+    result = export_checkpoint(folders[0], export_uri(job, step), dtype=job.export.dtype or None,
+                               endpoint_url=job.endpoint_url)
     return {"uri": result.uri, "step": step, "version": register(job, result.uri, step, run_id)}
 
 
 class CheckpointExports:
     """Rank 0's bookkeeping of the export tasks of a run."""
 
-    def __init__(self, job: Any, tracker: Any, run_id: str | None) -> None:
+    def __init__(self, job: JobConfig, tracker: Tracker, run_id: str | None) -> None:
         self.job, self.tracker, self.run_id = job, tracker, run_id
         self.checkpoints = 0
         self.retry = False
@@ -108,19 +105,14 @@ class CheckpointExports:
                                   "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def export_final(job: Any, model_config: Any, tokenizer: Any, full: dict[str, torch.Tensor], step: int,
-                 run_id: str | None) -> str:
+def export_final(job: JobConfig, full: dict[str, torch.Tensor], step: int, run_id: str | None) -> str:
     """Write the final model (the gathered weights) as a Hugging Face folder to ``export_uri(job)``, register it
     when asked, and return the folder's URI."""
-    from data_pipeline import storage
-    from dlmoe.export import model_from_state, save_pretrained
-    from dlmoe.export.checkpoint import DTYPES
-    from dlmoe.export.writer import write_to_uri
-
+    model_config = job.model.to_model_config()
     model = model_from_state(model_config, {k: v.to("cpu") for k, v in full.items()})
-    target = storage.resolve(export_uri(job), endpoint_url=job.data.endpoint_url or None)
-    facts = {"tokenizer": tokenizer, "flavor": job.model.flavor, "step": step, "source_run": job.run_name,
-             "dtype": DTYPES.get(job.export.dtype)}
-    write_to_uri(target, lambda out: save_pretrained(model, out, **facts))
+    target = storage.resolve(export_uri(job), endpoint_url=job.endpoint_url)
+    tokenizer, dtype = job_tokenizer(job, model_config), DTYPES.get(job.export.dtype)
+    write_to_uri(target, lambda out: save_pretrained(model, out, tokenizer=tokenizer, flavor=job.model.flavor,
+                                                     step=step, source_run=job.run_name, dtype=dtype))
     register(job, target.uri, step, run_id)
     return str(target.uri)

@@ -16,18 +16,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dlmoe.train.worker import micro_batches, objective_settings
+from data_pipeline.stream import TokenStream
+from dlmoe.config import JobConfig
+from dlmoe.diffusion import MaskedDiffusionObjective
+from dlmoe.train.step import micro_batches, objective_settings
 
 
 class Validation:
-    def __init__(self, job: Any, rank: int, world: int, tokenizer_fingerprint: str) -> None:
-        from data_pipeline.stream import TokenStream
-        from dlmoe.diffusion import MaskedDiffusionObjective
-
+    def __init__(self, job: JobConfig, rank: int, world: int, tokenizer_fingerprint: str) -> None:
         stream = TokenStream(job.data.validation_uri, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
                              rank=rank, world_size=world, seq_len=job.data.seq_len,
                              tokenizer_fingerprint=tokenizer_fingerprint, kind=job.objective.kind,
-                             endpoint_url=job.data.endpoint_url or None, max_batches=job.train.eval_batches)
+                             endpoint_url=job.endpoint_url, max_batches=job.train.eval_batches)
         self.batches = list(stream)
         self.micro = job.micro_batch_per_worker
         self.world = world

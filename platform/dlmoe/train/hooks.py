@@ -1,0 +1,242 @@
+"""The training loop's side jobs, each a small component the loop calls at three known points (DESIGN.md habit 3):
+``before_step`` (the 0-based index of the step about to run), ``after_step`` (the finished step's
+``StepOutcome`` and the ``CheckpointState`` already advanced past it) and ``at_end`` (the ``RunEnd``: the gathered
+weights and the final report the components add to). The loop calls them in the order ``build_hooks`` gives:
+
+- ``FaultInjection`` (tests only): stops one rank once, as a crash or a SIGTERM would;
+- ``MetricsLog``: the step's scalars to the tracker every ``train.log_every`` steps, the expert-load artifact every
+  ``monitor.expert_load_every`` steps;
+- ``ValidationRun``: the fixed-noise validation loss every ``train.eval_every`` steps (a collective);
+- ``ProgressBar``: rank 0's progress line;
+- ``ExportPoll``: rank 0's export tasks reported as they end; the final model exported at the end;
+- ``Checkpointer``: a checkpoint every ``checkpoint.every_steps`` steps and on preemption, and the last one with
+  the final report.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline import storage
+from dlmoe import checkpointing
+from dlmoe.checkpointing import CheckpointState
+from dlmoe.config import JobConfig
+from dlmoe.errors import DlmoeError, WorkerPreempted
+from dlmoe.monitor.metrics import ExpertLoadMonitor
+from dlmoe.tracking import Tracker
+from dlmoe.train.exports import CheckpointExports, export_final
+from dlmoe.train.step import StepOutcome
+from dlmoe.train.validation import Validation
+
+FAULT_MARK = "fault_injected"
+
+
+@dataclass
+class RunEnd:
+    """What the components see at the end of a launch (also reached at once by a relaunch of a finished run)."""
+
+    state: CheckpointState
+    full: dict[str, torch.Tensor]  # the whole model, gathered on every rank
+    metrics: dict[str, Any] = field(default_factory=dict)  # the final report to Ray Train
+
+
+class Hook:
+    """A component of the loop; every method is a no-op unless overridden."""
+
+    def before_step(self, step: int) -> None:
+        """Before the step of 0-based index ``step`` reads its batch."""
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        """After step ``done.step`` (1-based); ``state`` already counts it."""
+
+    def at_end(self, end: RunEnd) -> None:
+        """Once the last step is done and the weights are gathered."""
+
+
+def latest_val(state: CheckpointState, validating: bool) -> dict[str, float]:
+    """The newest validation loss for a checkpoint's metrics (what ``checkpoint.score_attribute=val_loss`` ranks);
+    NaN, which Ray ranks last, before the first validation. Nothing when the job has no validation set."""
+    if not validating:
+        return {}
+    return {"val_loss": float(state.val_losses[-1][1]) if state.val_losses else math.nan}
+
+
+def _due(step: int, every: int, steps: int) -> bool:
+    """Whether a side job done every ``every`` steps (and at the last one) is due after step ``step`` (1-based)."""
+    return step % every == 0 or step == steps
+
+
+class FaultInjection(Hook):
+    """Test-only (``fault_injection``): stop rank ``fault_injection.rank`` once, at ``fault_injection.step``, as a
+    failure would. A mark file in the run folder keeps a restarted worker group from being stopped again. ``kill`` is
+    a hard crash, as a killed pod: no cleanup, no last checkpoint. ``sigterm`` signals this process, then waits until
+    the handler has seen it (Python runs it on the main thread, the next time Ray gives that thread work) so the step
+    it takes effect at is known."""
+
+    def __init__(self, job: JobConfig, rank: int, exit: Callable[[int], Any] = os._exit) -> None:
+        self.fault, self.rank, self.exit = job.fault_injection, rank, exit
+        self.mark = checkpointing.run_folder(job).child(FAULT_MARK)
+
+    def before_step(self, step: int) -> None:
+        fault = self.fault
+        if not (fault.enabled and self.rank == fault.rank and step == fault.step) or storage.exists(self.mark):
+            return
+        storage.write_bytes(self.mark, f"rank {self.rank} given {fault.kind} at step {step}\n".encode())
+        if fault.kind == "kill":
+            self.exit(17)
+            return
+        from dlmoe.train.preemption import sigterm_received
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while not sigterm_received():
+            if time.monotonic() > deadline:
+                raise DlmoeError(f"rank {self.rank}: the SIGTERM handler did not run within 60 s")
+            time.sleep(0.01)
+
+
+class MetricsLog(Hook):
+    """Every rank's expert counts into the monitor's windows; rank 0's tracker gets the step's scalars (loss, lr,
+    throughput, balance and z-loss, gradient norm, expert-load summary) every ``train.log_every`` steps and the
+    expert-load artifact every ``monitor.expert_load_every`` steps, both at the last step too."""
+
+    def __init__(self, job: JobConfig, engine: Any, tracker: Tracker) -> None:
+        self.engine, self.tracker = engine, tracker
+        self.steps, self.log_every = job.train.steps, job.train.log_every
+        self.load_every = job.monitor.expert_load_every
+        self.monitor = ExpertLoadMonitor(job.monitor.dead_fraction, tracker)
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        if done.counts_RLE is not None:
+            self.monitor.add(done.counts_RLE, done.step)
+        if _due(done.step, self.log_every, self.steps):
+            grad_norm = self.engine.get_global_grad_norm()
+            self.tracker.log_metrics({"loss": done.loss, "lr": float(self.engine.get_lr()[0]),
+                                      "tokens_per_s": done.tokens_per_s, "balance_loss": done.balance_loss,
+                                      "z_loss": done.z_loss,
+                                      **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+                                      **self.monitor.take_scalars()}, done.step)
+        if _due(done.step, self.load_every, self.steps):
+            self.monitor.log_artifact()
+
+
+class ValidationRun(Hook):
+    """The validation loss every ``train.eval_every`` steps and at the last one, on every rank (a collective under
+    expert parallelism), kept in the state and logged."""
+
+    def __init__(self, job: JobConfig, validation: Validation, engine: Any, tracker: Tracker) -> None:
+        self.validation, self.engine, self.tracker = validation, engine, tracker
+        self.steps, self.every = job.train.steps, job.train.eval_every
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        if _due(done.step, self.every, self.steps):
+            val_loss = self.validation.evaluate(self.engine)
+            state.val_losses.append([done.step, val_loss])
+            self.tracker.log_metrics({"val_loss": val_loss}, done.step)
+
+
+class ExportPoll(Hook):
+    """Rank 0's exports: the tasks of checkpoints reported as they end, and at the end — once every task has
+    ended — the final model from the gathered weights (``export.at_end``). An export never fails training."""
+
+    def __init__(self, job: JobConfig, exports: CheckpointExports, final: Callable[..., str] = export_final) -> None:
+        self.job, self.exports, self.final = job, exports, final
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        self.exports.poll()
+
+    def at_end(self, end: RunEnd) -> None:
+        self.exports.poll(wait=True)
+        if not self.job.export.at_end:
+            return
+        try:
+            end.metrics["export"] = self.final(self.job, end.full, end.state.step, self.exports.run_id)
+        except Exception as exc:  # reported by failed(): an export never fails the training it comes from
+            self.exports.failed(end.state.step, exc)
+
+
+class ProgressBar(Hook):
+    """Rank 0's progress line: step, loss, validation loss, throughput."""
+
+    def __init__(self, job: JobConfig, first_step: int) -> None:
+        from ray.experimental.tqdm_ray import tqdm
+
+        self.run_name = job.run_name
+        self.bar = tqdm(total=job.train.steps - first_step, desc=f"train {job.run_name} from step {first_step}")
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        self.bar.update(1)
+        self.bar.set_description(self.describe(done, state))
+
+    def describe(self, done: StepOutcome, state: CheckpointState) -> str:
+        val = f" val {state.val_losses[-1][1]:.3f}" if state.val_losses else ""
+        return f"train {self.run_name} step {done.step} loss {done.loss:.3f}{val} {done.tokens_per_s:.0f} tok/s"
+
+    def at_end(self, end: RunEnd) -> None:
+        self.bar.close()
+
+
+class Checkpointer(Hook):
+    """Every rank's part of a checkpoint every ``checkpoint.every_steps`` steps and whenever a preemption notice
+    or a SIGTERM arrives (then stopping with ``WorkerPreempted``), reported to Ray Train; the last checkpoint at the
+    end, with the final report. Rank 0's exports of checkpoints start once every rank's files are in storage."""
+
+    def __init__(self, job: JobConfig, engine: Any, rank: int, world: int, tracker: Tracker,
+                 exports: CheckpointExports | None, validating: bool,
+                 report: Callable[..., None] | None = None,
+                 save: Callable[[Any, CheckpointState, int], Any] = checkpointing.save) -> None:
+        if report is None:
+            import ray.train
+
+            report = ray.train.report
+        self.job, self.engine, self.rank, self.world, self.tracker = job, engine, rank, world, tracker
+        self.exports, self.validating, self.report, self.save = exports, validating, report, save
+        self.barrier = job.export.enabled and job.export.every_n_checkpoints > 0 and world > 1
+
+    def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
+        step = done.step
+        if step == self.job.train.steps or (done.event is None and step % self.job.checkpoint.every_steps):
+            return
+        state.checkpoints.append(step)
+        self.report({"step": step, "loss": done.loss, "lr": self.engine.get_lr()[0],
+                     **latest_val(state, self.validating)}, checkpoint=self.save(self.engine, state, self.rank))
+        self.tracker.log_metrics({"checkpoint_step": step}, step)  # what the operator shows as the latest
+        if self.barrier:
+            dist.barrier()  # every rank's files of the checkpoint are in storage before it is exported
+        if self.exports is not None:
+            self.exports.after_checkpoint(step)
+        if done.event == "sigterm":
+            raise WorkerPreempted(f"rank {self.rank} of run '{self.job.run_name}': a worker got SIGTERM; stopped "
+                                  f"after saving the checkpoint of step {step}")
+
+    def at_end(self, end: RunEnd) -> None:
+        state = end.state
+        if not state.checkpoints or state.checkpoints[-1] != state.step:
+            state.checkpoints.append(state.step)
+        end.metrics["checkpoints"] = list(state.checkpoints)
+        self.report(end.metrics, checkpoint=self.save(self.engine, state, self.rank))
+        self.tracker.log_metrics({"checkpoint_step": state.step}, state.step)
+
+
+def build_hooks(job: JobConfig, *, rank: int, world: int, engine: Any, tracker: Tracker,
+                validation: Validation | None, exports: CheckpointExports | None, first_step: int,
+                progress: bool) -> list[Hook]:
+    """The loop's components for this rank, in the order they are called."""
+    hooks: list[Hook] = [FaultInjection(job, rank), MetricsLog(job, engine, tracker)]
+    if validation is not None:
+        hooks.append(ValidationRun(job, validation, engine, tracker))
+    if progress and rank == 0:
+        hooks.append(ProgressBar(job, first_step))
+    if exports is not None:
+        hooks.append(ExportPoll(job, exports))
+    hooks.append(Checkpointer(job, engine, rank, world, tracker, exports, validation is not None))
+    return hooks
