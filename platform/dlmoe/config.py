@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -157,6 +158,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0     # validation loss every this many steps (and at the end); 0: none
     eval_batches: int = 2   # global batches of data.validation in the fixed validation set
+
+    def fit_warmup(self) -> None:
+        """A warmup as long as the run or longer (the default job's 20 steps in ``train.steps=10``) becomes a
+        tenth of the run, with a warning, as a short first experiment expects."""
+        if self.warmup_steps >= self.steps > 0:
+            fitted = self.steps // 10
+            warnings.warn(f"train.warmup_steps={self.warmup_steps} does not fit in train.steps={self.steps}; "
+                          f"warming up over {fitted} step{'' if fitted == 1 else 's'} (a tenth of the run) instead",
+                          stacklevel=3)
+            self.warmup_steps = fitted
 
     def validate(self, rules: Rules) -> None:
         rules.choice("train.schedule", self.schedule, ("constant", "cosine", "wsd"))
@@ -418,6 +429,7 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
     freq_given = _sets_key(yaml_cfg, "model", "moe_layer_freq") or _sets_key(overrides_cfg, "model", "moe_layer_freq")
     if not freq_given and len(job.model.moe_layer_freq) != job.model.num_hidden_layers:
         job.model.moe_layer_freq = [1] * job.model.num_hidden_layers
+    job.train.fit_warmup()
     job.validate(source=f"{source} with overrides {' '.join(overrides)}" if overrides else source)
     return job
 

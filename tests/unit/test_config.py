@@ -74,7 +74,7 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("data.micro_batch_size=3", "data.micro_batch_size", "not a multiple of its micro-batch 3"),
         ("fault_injection.rank=2", "fault_injection.rank", "is not a worker rank"),
         ("run_name=a/b", "run_name", "without '/'"),
-        ("train.warmup_steps=1000", "train.warmup_steps", "must lie"),
+        ("train.warmup_steps=-1", "train.warmup_steps", "must lie"),
         ("model.mask_token_id=9999", "model.mask_token_id", "outside the vocabulary"),
         ("objective.balance.mode=aux_free", "objective.balance.mode", "export.enabled=false"),
         ("model.norm_topk_prob=true", "model.norm_topk_prob", "export.enabled=false"),
@@ -137,3 +137,13 @@ def test_registering_exports_needs_tracking() -> None:
     with pytest.raises(ConfigError, match=r"needs tracking\.enabled=true") as info:
         load_job_config(None, ["export.register=m", "tracking.enabled=false"])
     assert info.value.key == "export.register"
+
+
+def test_a_warmup_longer_than_the_run_becomes_a_tenth_of_it_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match=r"train.warmup_steps=20 does not fit in train.steps=10; warming up over 1 "
+                                         r"step \(a tenth of the run\)"):
+        job = load_job_config(None, ["train.steps=10"])
+    assert job.train.warmup_steps == 1
+    with pytest.warns(UserWarning, match="over 0 steps"):
+        assert load_job_config(None, ["train.steps=5", "train.warmup_steps=1000"]).train.warmup_steps == 0
+    assert load_job_config(None, ["train.steps=30"]).train.warmup_steps == 20  # one that fits is kept
