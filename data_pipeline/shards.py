@@ -142,6 +142,25 @@ def table_arrays(table: pa.Table, seq_len: int) -> tuple[np.ndarray, np.ndarray 
     return input_ids, prompt_len
 
 
+def read_rows(uri: str, *, limit: int | None = None, endpoint_url: str | None = None
+              ) -> tuple[Manifest, np.ndarray]:
+    """The manifest and the first ``limit`` rows (all when None) of the dataset at ``uri``, shards in manifest
+    order, each checked against the manifest: ``input_ids`` [rows, seq_len] int32."""
+    manifest = read_manifest(uri, endpoint_url=endpoint_url)
+    folder = storage.resolve(uri, endpoint_url=endpoint_url)
+    parts: list[np.ndarray] = []
+    taken = 0
+    for info in manifest.shards:
+        if limit is not None and taken >= limit:
+            break
+        loc = folder.child(info.path)
+        ids, _ = table_arrays(decode_shard(storage.read_bytes(loc), info, manifest, loc.uri), manifest.seq_len)
+        parts.append(ids if limit is None else ids[:limit - taken])
+        taken += len(parts[-1])
+    rows = np.concatenate(parts) if parts else np.zeros((0, manifest.seq_len), dtype=np.int32)
+    return manifest, rows
+
+
 def read_manifest(uri: str, *, endpoint_url: str | None = None) -> Manifest:
     """The manifest of the dataset at ``uri``; a folder without one is not (yet) a dataset."""
     loc = storage.resolve(uri, endpoint_url=endpoint_url).child(MANIFEST_FILE)

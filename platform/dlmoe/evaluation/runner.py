@@ -1,8 +1,9 @@
-"""``dlmoe eval``: run the quick check and lm-evaluation-harness tasks on one loaded model, gather one results
-document, and log it into the MLflow run of the checkpoint.
+"""``dlmoe eval``: run the quick check, the held-out ELBO and lm-evaluation-harness tasks on one loaded model, gather
+one results document, and log it into the MLflow run of the checkpoint.
 
-Task names are checked before anything runs: ``quick`` (the built-in JSONL check) or a name lm_eval's task manager
-finds in its own task YAMLs (and ``include_path``) — a local index, so an unknown name is reported offline.
+Task names are checked before anything runs: ``quick`` (the built-in JSONL check), ``elbo:URI`` (the held-out ELBO
+of the tokenized dataset at URI, elbo.py) or a name lm_eval's task manager finds in its own task YAMLs (and
+``include_path``) — a local index, so an unknown name is reported offline.
 lm_eval tasks read their data sets through Hugging Face ``datasets`` (its cache, or the hub when online); the quick
 check reads only the local JSONL.
 
@@ -25,11 +26,14 @@ from typing import Any
 
 from dlmoe.diffusion import GenerationSettings
 from dlmoe.errors import DlmoeError
+from dlmoe.evaluation.elbo import TASK_PREFIX as ELBO_PREFIX
+from dlmoe.evaluation.elbo import dataset_elbo
 from dlmoe.evaluation.loading import LoadedModel
 from dlmoe.evaluation.quick import read_pairs, run_quick_check
 from dlmoe.tracking import RUN_NAME_TAG
 
 QUICK_TASK = "quick"
+ELBO_TASK = "elbo"  # its metrics' name; the task is asked for as ELBO_PREFIX + a dataset URI
 
 
 class EvaluationError(DlmoeError, ValueError):
@@ -67,14 +71,25 @@ def check_tasks(request: EvalRequest, manager: Any = None) -> Any:
     manager (``manager`` when given, else one over its own tasks and ``include_path``) when lm_eval tasks are asked
     for, else None."""
     if not request.tasks:
-        raise EvaluationError("no tasks given: --tasks quick (with --jsonl) and/or lm_eval task names")
+        raise EvaluationError("no tasks given: --tasks quick (with --jsonl), elbo:DATASET and/or lm_eval task names")
     if request.limit is not None and request.limit < 1:
         raise EvaluationError(f"--limit must be at least 1, got {request.limit}")
     if QUICK_TASK in request.tasks and request.jsonl is None:
         raise EvaluationError(f"task '{QUICK_TASK}' reads prompt/answer pairs from --jsonl PATH; none given")
     if request.jsonl is not None and QUICK_TASK not in request.tasks:
         raise EvaluationError(f"--jsonl is read by the task '{QUICK_TASK}' only; add it to --tasks")
-    others = [task for task in request.tasks if task != QUICK_TASK]
+    elbo = [task for task in request.tasks if task.startswith(ELBO_PREFIX)]
+    if len(elbo) > 1:
+        raise EvaluationError(f"one held-out dataset per evaluation: got {', '.join(elbo)}")
+    if elbo:
+        from data_pipeline.shards import read_manifest
+
+        uri = elbo[0].removeprefix(ELBO_PREFIX)
+        if not uri:
+            raise EvaluationError(f"task '{elbo[0]}' names no dataset: {ELBO_PREFIX}URI, a tokenized held-out set "
+                                  f"(e.g. the validation/ folder of dlmoe tokenize --validation-fraction)")
+        read_manifest(uri)  # a DataError naming the URI when it is not a dataset
+    others = _harness_tasks(request.tasks)
     if not others:
         return None
     manager = manager if manager is not None else _task_manager(request.include_path)
@@ -83,6 +98,10 @@ def check_tasks(request: EvalRequest, manager: Any = None) -> Any:
     if unknown:
         raise EvaluationError(unknown_tasks_message(unknown, [QUICK_TASK, *manager.all_tasks]))
     return manager
+
+
+def _harness_tasks(tasks: Sequence[str]) -> list[str]:
+    return [task for task in tasks if task != QUICK_TASK and not task.startswith(ELBO_PREFIX)]
 
 
 def unknown_tasks_message(unknown: Sequence[str], available: Sequence[str], shown: int = 60) -> str:
@@ -101,12 +120,14 @@ def unknown_tasks_message(unknown: Sequence[str], available: Sequence[str], show
 
 
 def list_tasks(include_path: str | None = None) -> list[str]:
-    """Every task name ``dlmoe eval`` accepts: the quick check, then lm_eval's tasks, groups and tags."""
+    """Every task name ``dlmoe eval`` accepts: the quick check, the held-out ELBO, then lm_eval's tasks, groups and
+    tags."""
+    ours = [QUICK_TASK, f"{ELBO_PREFIX}DATASET"]
     try:
         manager = _task_manager(include_path)
     except EvaluationError:
-        return [QUICK_TASK]
-    return [QUICK_TASK, *manager.all_tasks]
+        return ours
+    return [*ours, *manager.all_tasks]
 
 
 def _json_ready(value: Any) -> Any:
@@ -129,7 +150,14 @@ def run_evaluation(loaded: LoadedModel, request: EvalRequest, manager: Any = Non
                                 progress=request.progress)
         document["quick"] = {"jsonl": request.jsonl, **quick.to_dict()}
         document["tasks"][QUICK_TASK] = quick.metrics()
-    others = [task for task in request.tasks if task != QUICK_TASK]
+    for task in request.tasks:
+        if task.startswith(ELBO_PREFIX):
+            uri = task.removeprefix(ELBO_PREFIX)
+            result = dataset_elbo(loaded, uri, limit=request.limit, samples=request.mc_samples,
+                                  batch_size=request.mc_batch_size, seed=request.generation.seed)
+            document["elbo"] = {"dataset": uri, "seed": request.generation.seed, **result.metrics()}
+            document["tasks"][ELBO_TASK] = result.metrics()
+    others = _harness_tasks(request.tasks)
     if others:
         import lm_eval
 
