@@ -390,5 +390,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def run() -> None:
+    """The ``dlmoe`` command: ``main``, then S3 released before the interpreter exits (``storage.release_s3``)."""
+    try:
+        code = main()
+    finally:
+        from data_pipeline.storage import release_s3
+
+        release_s3()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
