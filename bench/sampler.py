@@ -11,9 +11,14 @@ batch 1 and at batch ``--prompts``, the speed-up over the baseline row (one toke
 every answer equals the baseline's, and the exact-answer rate against the truth. Rows run back to back in one
 process; the cores other processes kept busy during the whole run are printed (the machine may be shared).
 
+With ``--device cuda`` the model is trained on the CPU as above, then moved to the GPU (still fp32) for the
+decoding; ``--smoke`` is a quick check of the script itself (5 training steps, 2 prompts, one repeat: the rows'
+figures mean nothing).
+
 Run (from the repository root):
     .venv/bin/python bench/sampler.py                       # defaults: --prompts 16 --repeats 3
     .venv/bin/python bench/sampler.py --json /tmp/sampler.json
+    python3 bench/sampler.py --device cuda --json $OUT/sampler.json        # on a GPU machine
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from typing import Any
 
 import torch
-from benchutil import CpuContention
+from benchutil import CpuContention, synchronize
 
 from dlmoe.diffusion import GenerationSettings, generate
 from dlmoe.model.config import BYTE_EOS_ID, BYTE_MASK_ID, BYTE_PAD_ID
@@ -46,11 +51,13 @@ ROWS: list[tuple[str, int, float | None]] = [
 ]
 
 
-def timed(fn: Any, repeats: int) -> tuple[float, Any]:
+def timed(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
     times, result = [], None
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         result = fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
 
@@ -59,15 +66,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where to decode: cpu (default) or cuda")
+    parser.add_argument("--smoke", action="store_true", help="a quick check of the script: 5 training steps, "
+                        "2 prompts, one repeat")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
+    if args.smoke:
+        args.prompts, args.repeats = 2, 1
     torch.manual_seed(0)
 
     task = CopyTask()
     started = time.perf_counter()
-    model, losses = train_copy_model(task)
+    model, losses = train_copy_model(task, steps=5 if args.smoke else 300)
     print(f"trained the debug model on the copy language: {len(losses)} steps in {time.perf_counter() - started:.1f} s,"
           f" final loss {statistics.mean(losses[-10:]):.4f}")
+    model = model.to(args.device)
     prompts, truth = task.sample(args.prompts, torch.Generator().manual_seed(99))
     gen = task.answer_length
     contention = CpuContention()
@@ -83,8 +98,8 @@ def main() -> None:
         def batched(s: GenerationSettings = settings) -> Any:
             return generate(model, prompts, s, **IDS)
 
-        single_s, singles = timed(one_at_a_time, args.repeats)
-        batch_s, batch = timed(batched, args.repeats)
+        single_s, singles = timed(one_at_a_time, args.repeats, args.device)
+        batch_s, batch = timed(batched, args.repeats, args.device)
         answers = [r.answers[0] for r in singles]
         passes = statistics.mean(r.forward_passes for r in singles)
         row = {
@@ -104,7 +119,8 @@ def main() -> None:
         rows.append(row)
     others = contention.others_cores()
 
-    print(f"\n{len(prompts)} prompts, answer span {gen} tokens, torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"\n{len(prompts)} prompts, answer span {gen} tokens, {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; other processes kept {others:.2f} cores busy\n")
     print("| decoding | passes / prompt | tokens / pass | tok/s batch 1 | × | tok/s batch "
           f"{len(prompts)} | × | same as baseline | exact |")
@@ -117,7 +133,9 @@ def main() -> None:
           f"{'yes' if all(r['batched_equals_single'] for r in rows) else 'NO'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "other_cores_busy": others}, f, indent=2)
+            json.dump({"device": where, "torch": torch.__version__, "training_steps": len(losses),
+                       "final_loss": statistics.mean(losses[-10:]), "rows": rows, "other_cores_busy": others},
+                      f, indent=2)
 
 
 if __name__ == "__main__":
