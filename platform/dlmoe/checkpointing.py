@@ -10,7 +10,9 @@ A checkpoint is one Ray Train checkpoint folder under the run folder ``{checkpoi
 - ``checksums.json.rank{r}`` (every rank): ``algorithm:hex`` of each of that rank's files, xxHash3-128
   (``file_checksum``); lists written before xxHash3 hold bare sha256 digests, which still verify.
 
-The newest checkpoint of a run that verifies is the one resumed; a broken one is skipped with a warning.
+The newest checkpoint of a run that verifies is the one resumed; a broken one is skipped with a warning. While a
+driver trains the run, ``dlmoe_run.lock`` in the run folder names it (``RunLock``), so a second launch of the same
+run name is refused instead of writing checkpoints beside the first.
 
 May import: ``data_pipeline.storage``, ``dlmoe.config``, ``dlmoe.errors``, ``dlmoe.model``; ray and torch only
 inside the functions that save and load (the exporter and the CLI read checkpoints without starting Ray).
@@ -23,7 +25,11 @@ import hashlib
 import json
 import mmap
 import os
+import socket
 import tempfile
+import threading
+import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +43,7 @@ from dlmoe.errors import CheckpointError, ConfigError
 from dlmoe.model import ModelConfig
 
 STATE_FILE = "dlmoe_state.json"
+LOCK_FILE = "dlmoe_run.lock"
 CHECKSUM_FILE = "checksums.json"
 TAG = "dlmoe"  # DeepSpeed's tag: the folder of its files inside a checkpoint
 FOLDER_PREFIX = "checkpoint_"  # Ray Train's name for a checkpoint folder in the run folder
@@ -248,3 +255,88 @@ def check_resumable(job: JobConfig, state: CheckpointState, where: str) -> None:
         raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {state.step}) was made with "
                           f"other {', '.join(changed)}; keep them or use a new run_name", key="run_name",
                           source=where)
+
+
+class RunLock:
+    """The run folder's lock, held by the driver that trains the run.
+
+    ``dlmoe_run.lock`` names its holder (host, pid, start) and carries a heartbeat the holder rewrites every
+    quarter of ``checkpoint.lock_timeout_s``. A launch that finds a lock whose heartbeat is fresh is refused, naming
+    the holder. A lock whose holder is gone — a process of this host that no longer exists, or a heartbeat older than
+    the timeout (a driver killed on another node) — is taken over; one whose heartbeats have only just stopped is
+    waited on until it is one or the other, so a relaunch right after a crash goes ahead. Object stores have no
+    create-if-absent, so two launches in the same second can both pass the check: the lock guards against the
+    mistakes people make (a second ``dlmoe train``, a job submitted twice), not against a deliberate race.
+    """
+
+    def __init__(self, job: JobConfig, clock: Any = time.time) -> None:
+        self.job, self.clock = job, clock
+        self.location = run_folder(job).child(LOCK_FILE)
+        self.timeout = job.checkpoint.lock_timeout_s
+        self.token = uuid.uuid4().hex
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.stop = threading.Event()
+        self.beating: threading.Thread | None = None
+
+    def _read(self) -> dict[str, Any] | None:
+        if not storage.exists(self.location):
+            return None
+        try:
+            found: dict[str, Any] = json.loads(storage.read_bytes(self.location))
+            return found
+        except ValueError:
+            return {}  # a lock being written, or damaged: its holder is unknown, its heartbeat stale
+
+    def _gone(self, found: dict[str, Any]) -> bool:
+        """Whether the holder of ``found`` is certainly gone: its heartbeat is past the timeout, or it was a process
+        of this host that no longer exists."""
+        if self.clock() - float(found.get("heartbeat", 0.0)) > self.timeout:
+            return True
+        if found.get("host") == self.holder["host"] and isinstance(found.get("pid"), int):
+            if found["pid"] == os.getpid():
+                return False  # this process holds it for another run launch
+            try:
+                os.kill(found["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``ConfigError`` (key ``run_name``) naming the driver that holds it."""
+        beat = self.timeout / 4
+        while True:
+            found = self._read()
+            if found is None or self._gone(found):
+                break
+            age = self.clock() - float(found.get("heartbeat", 0.0))
+            if age <= 2 * beat:
+                raise ConfigError(f"run '{self.job.run_name}' is being trained by {found.get('host')} pid "
+                                  f"{found.get('pid')} since {found.get('started')} (its lock {self.location.uri} "
+                                  f"was renewed {age:.0f} s ago); wait for it to end or use another run_name",
+                                  key="run_name")
+            time.sleep(min(beat, self.timeout - age + 0.1))  # heartbeats have stopped: gone soon, or back
+        self._write()
+        self.beating = threading.Thread(target=self._beat, name="dlmoe-run-lock", daemon=True)
+        self.beating.start()
+
+    def _write(self) -> None:
+        storage.write_bytes(self.location, json.dumps({**self.holder, "heartbeat": self.clock()}).encode())
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.timeout / 4):
+            try:
+                self._write()
+            except Exception as exc:  # a storage hiccup must not end training; the next beat tries again
+                warnings.warn(f"could not renew the run lock {self.location.uri}: {exc}", stacklevel=1)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock (if it is still ours)."""
+        self.stop.set()
+        if self.beating is not None:
+            self.beating.join()
+        found = self._read()
+        if found is not None and found.get("token") == self.token:
+            storage.delete(self.location)

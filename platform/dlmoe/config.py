@@ -227,11 +227,13 @@ class CheckpointConfig:
     score_attribute: str = ""
     score_order: str = "min"
     sigterm_grace_s: float = 25.0  # how long a worker given SIGTERM may take to reach a checkpoint
+    lock_timeout_s: float = 60.0  # a run lock not renewed for this long belongs to a driver that is gone
 
     def validate(self, rules: Rules) -> None:
         rules.positive("checkpoint.every_steps", self.every_steps)
         rules.positive("checkpoint.num_to_keep", self.num_to_keep)
         rules.positive("checkpoint.sigterm_grace_s", self.sigterm_grace_s)
+        rules.positive("checkpoint.lock_timeout_s", self.lock_timeout_s)
         rules.choice("checkpoint.score_attribute", self.score_attribute, ("", "val_loss", "loss"))
         rules.choice("checkpoint.score_order", self.score_order, ("min", "max"))
 

@@ -158,7 +158,16 @@ def ray_address() -> str | None:
 
 
 def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
-    """Train ``job`` with Ray Train; returns the summary of the finished run."""
+    """Train ``job`` with Ray Train, holding the run's lock; returns the summary of the finished run."""
+    lock = checkpointing.RunLock(job)
+    lock.acquire()
+    try:
+        return _train(job, progress=progress)
+    finally:
+        lock.release()
+
+
+def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
