@@ -3,6 +3,8 @@ integration and e2e tiers."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,20 +23,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(getattr(pytest.mark, tier))
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` process (sqlite backend, local artifact root) on 127.0.0.1."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real ``mlflow server`` process on 127.0.0.1:``port`` keeping its runs (sqlite) and artifacts in ``root``,
+    listening when this returns; started again on the same folder, it serves the same runs."""
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until_listening(port, proc, "mlflow server", timeout=90)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` process (sqlite backend, local artifact root) on 127.0.0.1."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
     try:
-        wait_until_listening(port, proc, "mlflow server", timeout=90)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -10,9 +10,16 @@ that Ray workers running elsewhere write to the same place; ``tracking.uri`` or 
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
+import sys
 import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,53 +83,125 @@ def open_run(job: JobConfig) -> str:
     if found:
         return str(found[0].info.run_id)
     run = client.create_run(experiment_id, run_name=job.run_name, tags={RUN_NAME_TAG: job.run_name})
-    tracker = MlflowTracker(uri, run.info.run_id)
-    tracker.log_params(flatten(job.to_dict()))
-    tracker.log_artifact("config.yaml", job.to_yaml())
+    for batch in _param_batches(flatten(job.to_dict())):
+        client.log_batch(run.info.run_id, params=batch)
+    _send_artifact(client, run.info.run_id, "config.yaml", job.to_yaml())
     return str(run.info.run_id)
 
 
-class MlflowTracker(Tracker):
-    """Logs into an existing MLflow run by id (through the client API: no global active run in the worker)."""
+def _param_batches(params: dict[str, Any]) -> list[list[Any]]:
+    """Params as MLflow takes them: values cut to its 6000 characters, 100 to a request."""
+    from mlflow.entities import Param
 
-    def __init__(self, uri: str, run_id: str) -> None:
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    return [items[start:start + 100] for start in range(0, len(items), 100)]
+
+
+def _send_artifact(client: Any, run_id: str, name: str, content: str) -> None:
+    """Store ``content`` as the text artifact ``name`` (a path inside the run's artifacts) of run ``run_id``."""
+    with tempfile.TemporaryDirectory(prefix="dlmoe-artifact-") as tmp:
+        path = Path(tmp) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        client.log_artifact(run_id, str(path), artifact_path=str(Path(name).parent)
+                            if Path(name).parent != Path(".") else None)
+
+
+class MlflowTracker(Tracker):
+    """Logs into an existing MLflow run by id (through the client API: no global active run in the worker).
+
+    Nothing the training loop logs waits for the server: every call is queued, and one thread sends the queue in
+    order, retrying what the server does not take (every ``RETRY_S``). So an MLflow server that is down or slow for a
+    while neither stops nor slows training; what was logged meanwhile reaches the run, in order, once it is back.
+    One warning says so when the oldest entry has waited ``STALL_S``; a line on stderr when the queue has drained
+    again. ``finish`` waits up to ``flush_timeout_s`` for the queue, then warns with the number of entries lost.
+    """
+
+    STALL_S = 10.0
+    RETRY_S = 2.0
+
+    def __init__(self, uri: str, run_id: str, flush_timeout_s: float = 300.0) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
-        self.run_id = run_id
+        self.uri, self.client, self.run_id, self.flush_timeout_s = uri, MlflowClient(tracking_uri=uri), run_id, \
+            flush_timeout_s
         self.client.update_run(run_id, status="RUNNING")
         # CPU, memory, disk, network (and GPU where present) every 10 s, as system/... metrics.
         self.system = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=uri)
         self.system.start()
+        self.queue: collections.deque[tuple[float, Callable[[], object]]] = collections.deque()
+        self.changed = threading.Condition()
+        self.closing = self.abandon = self.stalled = False
+        self.last_error: BaseException | None = None
+        self.sender = threading.Thread(target=self._send_in_order, name="dlmoe-mlflow", daemon=True)
+        self.sender.start()
+
+    def _put(self, send: Callable[[], object]) -> None:
+        now = time.monotonic()
+        with self.changed:
+            self.queue.append((now, send))
+            self.changed.notify_all()
+            waited = now - self.queue[0][0]
+            if waited > self.STALL_S and not self.stalled:
+                self.stalled = True
+                warnings.warn(f"MLflow at {self.uri} has not taken the run's metrics for {waited:.0f} s "
+                              f"({self.last_error or 'no answer yet'}); training goes on and {len(self.queue)} "
+                              f"entries are kept, in order, until it does", stacklevel=3)
+
+    def _send_in_order(self) -> None:
+        while True:
+            with self.changed:
+                while not self.queue and not self.closing:
+                    self.changed.wait()
+                if not self.queue or self.abandon:
+                    return
+                _, send = self.queue[0]
+            try:
+                send()
+            except Exception as exc:  # kept at the head of the queue and sent again: nothing logged is dropped
+                self.last_error = exc
+                with self.changed:
+                    self.changed.wait_for(lambda: self.abandon, timeout=self.RETRY_S)
+                continue
+            with self.changed:
+                self.queue.popleft()
+                if not self.queue and self.stalled:
+                    self.stalled = False
+                    print(f"MLflow at {self.uri} takes the run's metrics again; every buffered entry reached it",
+                          file=sys.stderr)
+                self.changed.notify_all()
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        for batch in _param_batches(params):
+            self._put(functools.partial(self.client.log_batch, self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
-        stamp = int(time.time() * 1000)
+        stamp = int(time.time() * 1000)  # when it was logged, not when it reached the server
         batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._put(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_artifact(self, name: str, content: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="dlmoe-artifact-") as tmp:
-            path = Path(tmp) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(content)
-            self.client.log_artifact(self.run_id, str(path), artifact_path=str(Path(name).parent)
-                                     if Path(name).parent != Path(".") else None)
+        self._put(functools.partial(_send_artifact, self.client, self.run_id, name, content))
 
     def finish(self) -> None:
+        """Send what is queued (waiting up to ``flush_timeout_s``), then mark the run finished."""
         self.system.finish()
-        self.client.set_terminated(self.run_id, status="FINISHED")
+        self._put(lambda: self.client.set_terminated(self.run_id, status="FINISHED"))
+        with self.changed:
+            self.closing = True
+            self.changed.notify_all()
+            drained = self.changed.wait_for(lambda: not self.queue, timeout=self.flush_timeout_s)
+            left = len(self.queue)
+            self.abandon = not drained
+            self.changed.notify_all()
+        self.sender.join(timeout=self.RETRY_S + 30)
+        if not drained:
+            warnings.warn(f"MLflow at {self.uri} did not take the run's last {left} entries within "
+                          f"{self.flush_timeout_s:.0f} s ({self.last_error}); they are lost (the checkpoints are not)",
+                          stacklevel=2)
 
 
 def register_model_version(uri: str, name: str, source: str, tags: dict[str, str], run_id: str | None = None) -> str:
