@@ -201,7 +201,8 @@ class ParallelConfig:
 @dataclass
 class FaultInjectionConfig:
     """Test-only: stop worker ``rank`` once when it reaches ``step`` (off while either is negative) — ``kind``
-    ``kill``: a hard crash, no cleanup; ``sigterm``: the signal Kubernetes sends a pod it ends."""
+    ``kill``: a hard crash, no cleanup; ``sigterm``: the signal Kubernetes sends a pod it ends; ``hang``: stand still
+    (for a test to kill the driver meanwhile)."""
 
     rank: int = -1
     step: int = -1
@@ -212,7 +213,7 @@ class FaultInjectionConfig:
         return self.rank >= 0 and self.step >= 0
 
     def validate(self, rules: Rules) -> None:
-        rules.choice("fault_injection.kind", self.kind, ("kill", "sigterm"))
+        rules.choice("fault_injection.kind", self.kind, ("kill", "sigterm", "hang"))
 
 
 @dataclass

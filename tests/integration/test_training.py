@@ -5,6 +5,11 @@ and resuming a run by its name."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.tokenize import TokenizeSpec, run_tokenize
 from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
-from dlmoe.checkpointing import find_checkpoints
+from dlmoe.checkpointing import LOCK_FILE, find_checkpoints
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
 from dlmoe.errors import ConfigError, DataError
@@ -77,6 +82,31 @@ def test_a_killed_worker_changes_nothing(ep2_run: tuple[Path, TrainingResult]) -
     assert (storage / "faulty" / "fault_injected").read_text().startswith("rank 1 given kill at step 3")
 
 
+def test_a_driver_killed_mid_run_is_relaunched_and_resumes(ep2_run: tuple[Path, TrainingResult]) -> None:
+    import ray
+
+    runs, clean = ep2_run
+    job = ["run_name=driverkill", "parallel.num_workers=2", "parallel.ep_size=2", "fault_injection.rank=1",
+           "fault_injection.step=3", "fault_injection.kind=hang"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with (runs / "driverkill.log").open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "dlmoe.cli", "train", *SHORT, f"checkpoint.storage={runs}",
+                                   *job, "--no-progress"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    mark = runs / "driverkill" / "fault_injected"
+    deadline = time.monotonic() + 300
+    while not mark.exists():  # rank 1 stands still at step 3, after the checkpoint of step 2
+        assert driver.poll() is None and time.monotonic() < deadline, (runs / "driverkill.log").read_text()[-3000:]
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert (runs / "driverkill" / LOCK_FILE).is_file()  # left behind by the killed driver: taken over below
+    assert [found.step for found in find_checkpoints(storage.resolve(str(runs / "driverkill")))] == [2]
+    relaunched = train(runs, *job)
+    assert relaunched.final_step == 6 and relaunched.restarts >= 1
+    assert relaunched.params_sha256 == clean.params_sha256 and relaunched.losses == clean.losses
+    assert not (runs / "driverkill" / LOCK_FILE).exists()
+
+
 def test_relaunch_resumes_and_a_changed_shape_is_refused(tmp_path: Path) -> None:
     first = train(tmp_path, "run_name=again", "parallel.num_workers=1", "parallel.ep_size=1")
     longer = train(tmp_path, "run_name=again", "parallel.num_workers=1", "parallel.ep_size=1", "train.steps=8")
@@ -97,7 +127,8 @@ def test_checkpoint_holds_the_data_position(ep2_run: tuple[Path, TrainingResult]
                     key=lambda s: s["step"])
     assert [s["step"] for s in states][-1] == 6
     last = states[-1]
-    assert last["sample_in_epoch"] == 6 * 8 and last["epoch"] == 0
+    batch = load_job_config(None).data.global_batch_size
+    assert last["sample_in_epoch"] == 6 * batch and last["epoch"] == 0
     assert last["shape"]["parallel.ep_size"] == 2
     assert torch.tensor(last["losses"]).isfinite().all()
 

@@ -38,6 +38,7 @@ from dlmoe.train.step import StepOutcome
 from dlmoe.train.validation import Validation
 
 FAULT_MARK = "fault_injected"
+HANG_S = 300.0
 
 
 @dataclass
@@ -80,7 +81,8 @@ class FaultInjection(Hook):
     failure would. A mark file in the run folder keeps a restarted worker group from being stopped again. ``kill`` is
     a hard crash, as a killed pod: no cleanup, no last checkpoint. ``sigterm`` signals this process, then waits until
     the handler has seen it (Python runs it on the main thread, the next time Ray gives that thread work) so the step
-    it takes effect at is known."""
+    it takes effect at is known. ``hang`` stops the rank for ``HANG_S`` (the run stands still while a test kills
+    its driver)."""
 
     def __init__(self, job: JobConfig, rank: int, exit: Callable[[int], Any] = os._exit) -> None:
         self.fault, self.rank, self.exit = job.fault_injection, rank, exit
@@ -93,6 +95,9 @@ class FaultInjection(Hook):
         storage.write_bytes(self.mark, f"rank {self.rank} given {fault.kind} at step {step}\n".encode())
         if fault.kind == "kill":
             self.exit(17)
+            return
+        if fault.kind == "hang":  # holds the run mid-step, for a test to kill the driver meanwhile
+            time.sleep(HANG_S)
             return
         from dlmoe.train.preemption import sigterm_received
 
