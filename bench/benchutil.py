@@ -1,20 +1,51 @@
-"""Measurement helpers shared by the benchmark scripts: run a row in a fresh process, the fp32 matmul peak,
-CPU contention from other processes, and RSS / allocator controls for peak-memory readings."""
+"""Helpers shared by the benchmark scripts: their command line (``--json``) and markdown tables, run a row in a fresh
+process, the fp32 matmul peak, CPU contention from other processes, and RSS / allocator controls for peak-memory
+readings."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import contextlib
 import ctypes
+import json
 import multiprocessing
 import os
 import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line: its module docstring as the help text, and ``--json PATH`` (see ``write_json``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    return parser
+
+
+def write_json(path: str | None, results: Any) -> bool:
+    """Write ``results`` to ``path`` (a script's ``--json``) as indented JSON; False, writing nothing, without one."""
+    if not path:
+        return False
+    Path(path).write_text(json.dumps(results, indent=2))
+    return True
+
+
+def table_head(*columns: str, align: str) -> str:
+    """A markdown table's header row and rule; ``align`` has a letter per column: ``l`` left, ``r`` right."""
+    if len(align) != len(columns) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r} must give l or r for each of the {len(columns)} columns")
+    return "| " + " | ".join(columns) + " |\n|" + "".join("---|" if a == "l" else "---:|" for a in align)
+
+
+def failed_row(label: object, error: str, columns: int) -> str:
+    """The table row of a measurement that failed: its label, the error's first line, then empty cells."""
+    return f"| {label} | failed: {error.splitlines()[0][:160]} |" + " |" * (columns - 2)
 
 
 def run_isolated(fn: Callable[..., dict[str, Any]], label: dict[str, Any], *args: Any) -> dict[str, Any]:

@@ -24,10 +24,8 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
-import json
 import statistics
 import sysconfig
 import tempfile
@@ -38,7 +36,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import ray
 import torch
-from benchutil import CpuContention
+from benchutil import CpuContention, bench_parser, table_head, write_json
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -140,14 +138,13 @@ def training_consumption(seq_len: int, vocab: int, steps: int = 3, batch: int = 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--mb", type=float, default=12.0, help="corpus size in MiB (at most what the stdlib holds)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--unit-mb", type=float, nargs="+", default=[6.0, 4.0, 1.0],
                         help="the job's input MiB per task; one job row per value")
     parser.add_argument("--tokenizer", choices=("bpe", "bytes"), default="bpe")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dlmoe-bench-data-"))
@@ -213,8 +210,7 @@ def main() -> None:
     print(f"\nprocesses other than this one (the job's Ray workers and the moto server included) kept "
           f"{results['other_cores_busy']:.2f} cores busy; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads\n")
-    print("| measurement | tokens/s | ratio |")
-    print("|---|---:|---:|")
+    print(table_head("measurement", "tokens/s", "ratio", align="lrr"))
     print(f"| raw `encode_batch`, one process | {t['raw_tokens_per_s']:,.0f} | 1.00 |")
     for job in t["jobs"]:
         print(f"| Ray Data tokenize job, {job['unit_mb']:g} MiB per task ({job['tasks']} tasks on "
@@ -224,8 +220,7 @@ def main() -> None:
           f"{s['stream_over_raw']:.2f} |")
     print(f"| one `tiny` training worker consumes (seq_len {args.seq_len}) | {s['tiny_worker_tokens_per_s']:,.0f} | "
           f"stream / worker = {s['stream_over_worker']:.0f}× |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -36,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from benchutil import CpuContention, run_isolated
+from benchutil import CpuContention, bench_parser, failed_row, run_isolated, table_head, write_json
 
 DEFAULT_EXPERTS = (8, 16, 32, 64)
 WARMUP = 2
@@ -100,12 +98,12 @@ def run_in_subprocess(num_experts: int, batch: int, seq: int, iters: int) -> dic
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     base = next((r for r in rows if "median_ms" in r), None)
     base_name = str(base["num_experts"]) if base else "?"
-    lines = [("| E | top-k | total params (M) | active params (M) | median step ms | min ms | fwd ms | bwd ms | "
-              f"AdamW ms | tokens/s | step time / E={base_name} | others' cores |"),
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [table_head("E", "top-k", "total params (M)", "active params (M)", "median step ms", "min ms", "fwd ms",
+                        "bwd ms", "AdamW ms", "tokens/s", f"step time / E={base_name}", "others' cores",
+                        align="r" * 12)]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['num_experts']} | failed: {r['error'].splitlines()[0][:160]} |" + " |" * 10)
+            lines.append(failed_row(r["num_experts"], r["error"], 12))
             continue
         ratio = r["median_ms"] / base["median_ms"] if base else float("nan")
         lines.append(
@@ -117,13 +115,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
     parser.add_argument("--seq", type=int, default=256, help="sequence length (default 256)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per E (default 5)")
     parser.add_argument("--experts", default=",".join(map(str, DEFAULT_EXPERTS)),
                         help="comma-separated numbers of experts (default 8,16,32,64)")
-    parser.add_argument("--json", type=str, default=None, help="write all results as JSON to this path")
     args = parser.parse_args()
     experts = [int(s) for s in args.experts.split(",") if s.strip()]
 
@@ -149,9 +146,7 @@ def main() -> None:
 
     print()
     print(markdown_table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    if write_json(args.json, {"meta": meta, "rows": rows}):
         print(f"\n# wrote {args.json}")
 
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchutil import maxrss_bytes
+from benchutil import bench_parser, maxrss_bytes, table_head, write_json
 
 HERE = Path(__file__).resolve()
 
@@ -62,11 +62,10 @@ def in_fresh_process(kind: str, source: str, out: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of the run (0: tiny.yaml's)")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--measure", choices=("export", "safetensors"), help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -93,14 +92,12 @@ def main() -> None:
     export, plain = results["export"], results["safetensors"]
     print(f"\ntiny, 2 workers, EP 2, ZeRO-{args.zero_stage}: {results['folder_bytes'] / 2**20:.1f} MiB of weights; "
           f"median of {args.repeats} fresh processes each\n")
-    print("| step | seconds | peak RSS MiB | ratio |")
-    print("|---|---:|---:|---:|")
+    print(table_head("step", "seconds", "peak RSS MiB", "ratio", align="lrrr"))
     print(f"| `dlmoe export` of the run's checkpoint | {export['seconds']:.2f} | {export['maxrss_mib']:.0f} | "
           f"{plain['seconds'] / export['seconds']:.2f} |")
     print(f"| safetensors alone: read + write the exported shards | {plain['seconds']:.2f} | "
           f"{plain['maxrss_mib']:.0f} | 1.00 |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

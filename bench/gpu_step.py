@@ -22,15 +22,21 @@ A CPU smoke run of the same code (the ``debug`` flavor, fp32, no peak claims):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from benchutil import matmul_peak_gflops, one_rank_group, synchronize, train_step_flops
+from benchutil import (
+    bench_parser,
+    matmul_peak_gflops,
+    one_rank_group,
+    synchronize,
+    table_head,
+    train_step_flops,
+    write_json,
+)
 
 from dlmoe.config import load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective
@@ -110,7 +116,7 @@ def plain_loop(job: Any, data: list[dict[str, Any]], warmup: int, device: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=4096)
@@ -118,7 +124,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="run the same code on the CPU with the debug flavor")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     gpu = not args.smoke
     if gpu and not torch.cuda.is_available():
@@ -156,8 +161,7 @@ def main() -> None:
           f"(top-{config.num_experts_per_tok}), {counts['total_params'] / 1e9:.2f}B parameters, "
           f"{counts['active_params'] / 1e9:.2f}B active; batch {args.batch} x {args.seq_len}; "
           f"{flops / 1e12:.1f} TFLOP per step\n")
-    print("| loop | step | TFLOP/s | MFU vs measured bf16 mm | MFU vs nominal bf16 |")
-    print("|---|---:|---:|---:|---:|")
+    print(table_head("loop", "step", "TFLOP/s", "MFU vs measured bf16 mm", "MFU vs nominal bf16", align="lrrrr"))
     for name in ("stack", "plain"):
         r = results[name]
         vs_measured = f"{r['mfu_measured']:.1%}" if measured else "-"
@@ -166,8 +170,7 @@ def main() -> None:
     print(f"\nstack / plain throughput: {results['stack_over_plain']:.3f}")
     if measured:
         print(f"bf16 torch.mm 16384^3: {measured:.0f} TFLOP/s measured; nominal: {nominal or 'unknown'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

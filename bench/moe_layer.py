@@ -52,10 +52,8 @@ and MALLOC_TOP_PAD_ are printed (set them in the environment of this command; su
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
-import json
 import os
 import platform
 import statistics
@@ -69,12 +67,16 @@ import torch
 import torch.nn.functional as F
 from benchutil import (
     CpuContention,
+    bench_parser,
+    failed_row,
     malloc_trim,
     matmul_peak_gflops,
     maxrss_bytes,
     reset_peak_rss,
     rss_bytes,
     run_isolated,
+    table_head,
+    write_json,
 )
 from torch import nn
 
@@ -446,12 +448,12 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     ours = next((r for r in rows if r["impl"] == "ours" and "median_ms" in r), None)
-    lines = [("| impl | median ms | min ms | time / ours | peak Δ MB | GFLOP/s | mm peak GFLOP/s (before/after) | "
-              "% of mm peak | others' cores | check: max abs diff (out, grad_x) |"),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [table_head("impl", "median ms", "min ms", "time / ours", "peak Δ MB", "GFLOP/s",
+                        "mm peak GFLOP/s (before/after)", "% of mm peak", "others' cores",
+                        "check: max abs diff (out, grad_x)", align="lrrrrrrrrl")]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['impl']} | failed: {r['error'].splitlines()[0][:160]} |" + " |" * 9)
+            lines.append(failed_row(r["impl"], r["error"], 10))
             continue
         ratio = r["median_ms"] / ours["median_ms"] if ours else None
         check = "-"
@@ -466,11 +468,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = bench_parser(__doc__)
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation (default 5)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per iteration (default 4096)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
-    parser.add_argument("--json", type=str, default=None, help="write all results as JSON to this path")
     args = parser.parse_args()
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
@@ -527,9 +528,7 @@ def main() -> None:
     for r in rows:
         if r["impl"] == "autoep" and "matches" in r and not r["matches"]:
             print("# warning: AutoEP output differs from ours by more than 1e-4")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "ratios": ratios}, f, indent=2)
+    if write_json(args.json, {"meta": meta, "rows": rows, "ratios": ratios}):
         print(f"\n# wrote {args.json}")
 
 

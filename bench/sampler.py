@@ -23,14 +23,12 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from typing import Any
 
 import torch
-from benchutil import CpuContention, synchronize
+from benchutil import CpuContention, bench_parser, synchronize, table_head, write_json
 
 from dlmoe.diffusion import GenerationSettings, generate
 from dlmoe.model.config import BYTE_EOS_ID, BYTE_MASK_ID, BYTE_PAD_ID
@@ -63,13 +61,12 @@ def timed(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="where to decode: cpu (default) or cuda")
     parser.add_argument("--smoke", action="store_true", help="a quick check of the script: 5 training steps, "
                         "2 prompts, one repeat")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
@@ -122,20 +119,16 @@ def main() -> None:
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"\n{len(prompts)} prompts, answer span {gen} tokens, {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; other processes kept {others:.2f} cores busy\n")
-    print("| decoding | passes / prompt | tokens / pass | tok/s batch 1 | × | tok/s batch "
-          f"{len(prompts)} | × | same as baseline | exact |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(table_head("decoding", "passes / prompt", "tokens / pass", "tok/s batch 1", "×",
+                     f"tok/s batch {len(prompts)}", "×", "same as baseline", "exact", align="lllllllll"))
     for r in rows:
         print(f"| {r['row']} | {r['passes_per_prompt']:.2f} | {r['tokens_per_pass']:.2f} | "
               f"{r['tokens_per_s_batch1']:.0f} | {r['speedup_batch1']:.2f} | {r['tokens_per_s_batched']:.0f} | "
               f"{r['speedup_batched']:.2f} | {'yes' if r['same_as_baseline'] else 'NO'} | {r['exact']:.0%} |")
     print(f"\nbatched answers equal the batch-1 answers in every row: "
           f"{'yes' if all(r['batched_equals_single'] for r in rows) else 'NO'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": where, "torch": torch.__version__, "training_steps": len(losses),
-                       "final_loss": statistics.mean(losses[-10:]), "rows": rows, "other_cores_busy": others},
-                      f, indent=2)
+    write_json(args.json, {"device": where, "torch": torch.__version__, "training_steps": len(losses),
+                           "final_loss": statistics.mean(losses[-10:]), "rows": rows, "other_cores_busy": others})
 
 
 if __name__ == "__main__":

@@ -27,16 +27,21 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from benchutil import CpuContention, matmul_peak_gflops, one_rank_group, train_step_flops
+from benchutil import (
+    CpuContention,
+    bench_parser,
+    matmul_peak_gflops,
+    one_rank_group,
+    table_head,
+    train_step_flops,
+    write_json,
+)
 
 from data_pipeline.stream import TokenStream
 from dlmoe.config import load_job_config
@@ -125,14 +130,13 @@ def tiny_mfu(iters: int, batch: int = 4, seq_len: int = 512) -> dict[str, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--job", default="jobs/tiny.yaml", help="the job whose model and data are trained")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8, help="global batch (one micro-batch per worker share)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1, help="alternating plain / 1-worker full-stack pairs")
-    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     storage = tempfile.mkdtemp(prefix="dlmoe-bench-train-")
     common = [f"train.steps={args.steps}", "train.warmup_steps=2", f"checkpoint.storage={storage}",
@@ -165,8 +169,7 @@ def main() -> None:
     print(f"\n{args.steps} steps of {args.job} ({args.batch} x {args.seq_len} tokens per step); torch "
           f"{torch.__version__}; processes other than this one (Ray workers included) kept "
           f"{results['other_cores_busy']:.2f} cores busy\n")
-    print("| run | tokens/s | ratio |")
-    print("|---|---:|---:|")
+    print(table_head("run", "tokens/s", "ratio", align="lrr"))
     print(f"| plain PyTorch loop, one process | {plain:,.0f} | 1.00 |")
     for key, label in (("engine_preread", "DeepSpeed engine + `train_step`, one process, batches read in advance"),
                        ("engine_live", "the same, batches streamed by `TokenStream`")):
@@ -179,8 +182,7 @@ def main() -> None:
               f"{ratios}")
     print(f"\ntiny step (batch {tiny['tokens'] // 512} x 512): {tiny['step_s'] * 1e3:.0f} ms, {tiny['gflops']:.1f} "
           f"GFLOP/s of model FLOPs = {tiny['mfu']:.1%} of the {tiny['peak_gflops']:.0f} GFLOP/s fp32 matmul peak")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":
