@@ -100,6 +100,27 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError | TimeoutError | ConnectionError) and any(m in text for m in _TRANSIENT)
 
 
+class StorageUnavailable(DataError):
+    """Storage that kept failing with transient errors (refused connections, timeouts, 5xx): it may come back."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it wraps (Ray's task errors carry theirs as ``cause``), is a transient
+    storage failure: an outage worth waiting out rather than a missing object or a refusal."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, StorageUnavailable) or (not isinstance(current, DataError) and _is_transient(current)):
+            return True
+        cause = getattr(current, "cause", None)
+        pending += [current.__cause__, current.__context__, cause if isinstance(cause, BaseException) else None]
+    return False
+
+
 def retrying(op: Callable[[], T], *, uri: str, what: str, attempts: int = ATTEMPTS,
              base_delay: float = BASE_DELAY_S) -> T:
     """Run ``op``; retry transient storage failures with exponential backoff, then raise ``DataError``."""
@@ -112,8 +133,8 @@ def retrying(op: Callable[[], T], *, uri: str, what: str, attempts: int = ATTEMP
             if not _is_transient(exc):
                 raise DataError(f"cannot {what} {uri}: {_describe(exc)}") from exc
             if attempt == attempts:
-                raise DataError(f"cannot {what} {uri}: still failing after {attempts} attempts "
-                                f"({_describe(exc)})") from exc
+                raise StorageUnavailable(f"cannot {what} {uri}: still failing after {attempts} attempts "
+                                         f"({_describe(exc)})") from exc
             time.sleep(base_delay * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
 

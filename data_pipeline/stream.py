@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +42,7 @@ from data_pipeline.shards import Manifest, check_against_job, decode_shard, read
 from dlmoe.errors import DataError
 
 DEFAULT_WINDOW_SHARDS = 4
+DEFAULT_OUTAGE_S = 300.0  # how long a window read waits for storage that is unavailable before the step fails
 
 
 @dataclass(frozen=True)
@@ -112,12 +115,14 @@ class TokenStream:
     Yields dicts with ``input_ids`` (int64 [G/W, seq_len]), ``sample_index`` (int64 [G/W], within the epoch),
     ``epoch`` (int) and, for SFT data, ``prompt_len`` (int64 [G/W]). ``seq_len``, ``tokenizer_fingerprint`` and
     ``kind`` are checked against the manifest when given. ``max_batches`` bounds the iteration (default: endless).
+    A window read is retried while the storage is unavailable, for up to ``outage_s``.
     """
 
     def __init__(self, uri: str, *, global_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  start_sample: int = 0, epoch: int = 0, window_shards: int = DEFAULT_WINDOW_SHARDS,
                  seq_len: int | None = None, tokenizer_fingerprint: str | None = None, kind: str | None = None,
-                 endpoint_url: str | None = None, max_batches: int | None = None) -> None:
+                 endpoint_url: str | None = None, max_batches: int | None = None,
+                 outage_s: float = DEFAULT_OUTAGE_S) -> None:
         if world_size <= 0 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
         if global_batch_size <= 0 or global_batch_size % world_size:
@@ -142,12 +147,34 @@ class TokenStream:
                             f"{self.batches_per_epoch * global_batch_size} samples")
         self.start_sample, self.epoch = start_sample, epoch
         self.max_batches = max_batches
+        self.outage_s = outage_s
         self._shard_rows = [s.rows for s in self.manifest.shards]
         # Ray must be initialised from this thread: windows are read from a background thread.
         ensure_ray()
 
     def _read_window(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """All rows of ``window`` in its shuffled order: (input_ids [R, L], prompt_len [R])."""
+        """All rows of ``window`` in its shuffled order: (input_ids [R, L], prompt_len [R]). A read that fails
+        because the storage is unavailable (an S3 endpoint restarting, a network cut) is done again, whole, for up
+        to ``outage_s``: the window's rows and order do not depend on when it is read, so no sample is repeated or
+        skipped."""
+        deadline = time.monotonic() + self.outage_s
+        delay = 0.5
+        while True:
+            try:
+                return self._read_window_once(epoch, window)
+            except Exception as exc:
+                if not storage.is_transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise DataError(f"window {window.index} of {self.uri}: the storage stayed unavailable for "
+                                    f"{self.outage_s:.0f} s ({str(exc).strip().splitlines()[0][:300]})") from exc
+                warnings.warn(f"reading window {window.index} of {self.uri} failed, the storage looks unavailable "
+                              f"({str(exc).strip().splitlines()[0][:200]}); reading it again in {delay:.1f} s "
+                              f"(for up to {self.outage_s:.0f} s)", stacklevel=2)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+
+    def _read_window_once(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
         import ray.data
 
         folder = storage.resolve(self.uri, endpoint_url=self.endpoint_url)
