@@ -158,3 +158,26 @@ def test_held_out_documents_are_chosen_by_their_text_alone() -> None:
     assert set(chosen) <= {d for d in documents if held_out(d, 0.2)}  # a larger fraction holds out a superset
     assert not any(held_out(d, 0.0) for d in documents)
     assert held_out(("prompt", "answer"), 0.5) == held_out("prompt\x00answer", 0.5)  # SFT pairs: both texts
+
+
+def test_an_outage_is_told_from_a_refusal_through_the_errors_that_wrap_it() -> None:
+    def down() -> None:
+        raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7")
+
+    with pytest.raises(storage.StorageUnavailable) as exhausted:
+        storage.retrying(down, uri="s3://b/k", what="read", base_delay=0.0)
+    assert storage.is_transient(exhausted.value)
+
+    class TaskError(Exception):  # how Ray hands back a task's exception: as ``cause``, with its text
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__(f"task failed: {cause}")
+            self.cause = cause
+
+    assert storage.is_transient(TaskError(OSError("Connection reset by peer")))
+    try:
+        raise RuntimeError("reading the window") from OSError("503 Service Unavailable")
+    except RuntimeError as chained:
+        assert storage.is_transient(chained)
+    assert not storage.is_transient(TaskError(OSError("NoSuchBucket: the bucket does not exist")))
+    assert not storage.is_transient(DataError("shard s3://b/k.parquet does not match its sha256"))
+    assert not storage.is_transient(FileNotFoundError("connection.json"))
