@@ -135,6 +135,20 @@ _FLAVORS: dict[str, ModelConfig] = {
         num_experts=64, num_experts_per_tok=8, expert_intermediate_size=128, dense_intermediate_size=1024,
         moe_layer_freq=[1, 1, 1, 1], max_position_embeddings=2048,
     ),
+    # The release's ratios at a size a CPU trains in minutes (bench/quality.py): 64 experts top-8 of width
+    # hidden / 2, head_dim 32, every layer MoE ...
+    "mini-moe": ModelConfig(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=64, num_experts_per_tok=8, expert_intermediate_size=64, dense_intermediate_size=512,
+        moe_layer_freq=[1, 1, 1, 1], max_position_embeddings=512,
+    ),
+    # ... and its dense twin: every layer one SwiGLU MLP as wide as the 8 experts a token reaches (the same
+    # active parameters, but for the router).
+    "mini-dense": ModelConfig(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        num_experts=64, num_experts_per_tok=8, expert_intermediate_size=64, dense_intermediate_size=512,
+        moe_layer_freq=[0, 0, 0, 0], max_position_embeddings=512,
+    ),
     # The exact geometry of inclusionAI/LLaDA-MoE-7B-A1B (reference/lladamoe.md §1).
     "llada-moe-7b-a1b": ModelConfig(
         vocab_size=157184, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
