@@ -47,6 +47,12 @@ def _train(args: argparse.Namespace) -> int:
     losses = result.losses
     print(f"run {result.run_name}: {result.final_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
           f"{result.restarts} restarts; checkpoints under {job.checkpoint.storage}/{job.run_name}/")
+    if result.val_losses:
+        step, val = result.val_losses[-1]
+        baseline = "" if result.unigram_baseline is None else (
+            f"; a model that ignores context scores {result.unigram_baseline:.4f} there (held-out unigram "
+            f"cross-entropy)")
+        print(f"validation loss at step {step:.0f}: {val:.4f} nats/token{baseline}")
     if result.mlflow_run_id:
         print(f"MLflow run {result.mlflow_run_id} at {result.tracking_uri} (mlflow ui --backend-store-uri "
               f"{result.tracking_uri})")

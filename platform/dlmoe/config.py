@@ -118,25 +118,11 @@ class DataConfig:
     seed: int = 1234
     tokenizer: str = "byte"
     endpoint_url: str = ""  # S3 endpoint; empty: AWS_ENDPOINT_URL or AWS's default
-    validation: str = ""    # a held-out tokenized dataset, or `heldout`: the one carved beside data.uri
-
-    @property
-    def validation_uri(self) -> str:
-        """The validation dataset: ``validation``, where ``heldout`` names the held-out set that
-        ``dlmoe tokenize --validation-fraction`` carved inside the training dataset at ``uri``."""
-        if self.validation != HELDOUT:
-            return self.validation
-        from data_pipeline.shards import HELDOUT_FOLDER
-
-        return f"{self.uri.rstrip('/')}/{HELDOUT_FOLDER}"
+    validation: str = ""    # a held-out tokenized dataset, or `heldout`: the one carved inside the training dataset
 
     def validate(self, rules: Rules) -> None:
         for key in ("seq_len", "global_batch_size", "micro_batch_size"):
             rules.positive(f"data.{key}", getattr(self, key))
-        if self.validation == HELDOUT and not self.uri:
-            rules.fail("data.validation", "'heldout' is the held-out set dlmoe tokenize --validation-fraction carves "
-                                          "inside the dataset at data.uri; the embedded default corpus has none: set "
-                                          "data.uri")
 
 
 @dataclass
@@ -317,6 +303,24 @@ class JobConfig:
     def config_hash(self) -> str:
         """sha256 of the resolved config (stable key order)."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @property
+    def dataset_uri(self) -> str:
+        """The training dataset: ``data.uri``, or where the embedded default corpus is tokenized once (under the
+        storage, with a held-out tenth)."""
+        if self.data.uri:
+            return self.data.uri
+        return f"{self.checkpoint.storage.rstrip('/')}/data/stdlib-bytes-{self.data.seq_len}"
+
+    @property
+    def validation_uri(self) -> str:
+        """The validation dataset: ``data.validation``, where ``heldout`` names the held-out set that
+        ``dlmoe tokenize --validation-fraction`` carved inside the training dataset (the default corpus has one)."""
+        if self.data.validation != HELDOUT:
+            return self.data.validation
+        from data_pipeline.shards import HELDOUT_FOLDER
+
+        return f"{self.dataset_uri.rstrip('/')}/{HELDOUT_FOLDER}"
 
     @property
     def endpoint_url(self) -> str | None:

@@ -5,6 +5,7 @@ and resuming a run by its name."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -61,6 +62,10 @@ def test_default_job_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert exported.config.num_experts == 8
     assert load_tokenizer(tmp_path / "debug" / "hf").special.mask == exported.config.mask_token_id
     assert "sample (prompt 'def ')" in out
+    # The held-out tenth of the default corpus: its loss at the end, beside a context-free model's.
+    assert report["val_losses"][-1][0] == 8 and 0 < report["unigram_baseline"] < math.log(256)
+    assert f"validation loss at step 8: {report['val_losses'][-1][1]:.4f} nats/token; a model that ignores " \
+           f"context scores {report['unigram_baseline']:.4f}" in out
 
 
 def test_one_worker_and_two_with_expert_parallelism_give_the_same_losses(
@@ -217,8 +222,9 @@ def test_heldout_validation_keeps_the_best_checkpoint_by_score(tmp_path: Path) -
 
 
 def test_heldout_needs_a_dataset_that_has_one(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="the embedded default corpus has none"):
-        load_job_config(None, ["train.eval_every=2", "data.validation=heldout"])
+    default = load_job_config(None, [f"checkpoint.storage={tmp_path}"])  # the default corpus has one
+    assert default.data.validation == "heldout"
+    assert default.validation_uri == f"{tmp_path}/data/stdlib-bytes-128/validation"
     plain = tmp_path / "plain"
     run_tokenize(TokenizeSpec(output=str(plain), seq_len=128), progress=False)
     with pytest.raises(DataError, match=r"has no held-out set .* --validation-fraction"):

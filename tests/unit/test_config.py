@@ -82,14 +82,14 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("checkpoint.sigterm_grace_s=0", "checkpoint.sigterm_grace_s", "must be positive"),
         ("export.dtype=fp16", "export.dtype", "must be bf16, fp32 or empty"),
         ("export.every_n_checkpoints=-1", "export.every_n_checkpoints", "must be non-negative"),
-        ("train.eval_every=5", "train.eval_every", "needs a held-out dataset in data.validation"),
-        ("data.validation=held-out", "data.validation", "set train.eval_every"),
+        ("data.validation= train.eval_every=5", "train.eval_every", "needs a held-out dataset in data.validation"),
+        ("data.validation=held-out train.eval_every=0", "data.validation", "set train.eval_every"),
         ("train.eval_batches=0", "train.eval_batches", "must be positive"),
     ],
 )
 def test_bad_values_raise_config_error_naming_key(override: str, key: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle) as info:
-        load_job_config(None, [override])
+        load_job_config(None, override.split())  # one override, or a few separated by spaces
     assert info.value.key == key
     assert info.value.source is not None
     assert key in str(info.value)

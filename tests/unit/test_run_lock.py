@@ -81,11 +81,11 @@ def test_a_lock_of_another_host_is_refused_while_renewed_and_taken_once_it_is_no
     lock.acquire()
     lock.release()
     # Heartbeats that have just stopped (older than two beats, younger than the timeout) are waited out.
-    plant(tmp_path, "other-node", 1, heartbeat=time.time() - 0.6)
-    waiting = RunLock(job(tmp_path, timeout=1.0))
+    plant(tmp_path, "other-node", 1, heartbeat=time.time() - 2.5)  # beats every 1 s: 2.5 missed, 1.5 s to go
+    waiting = RunLock(job(tmp_path, timeout=4.0))
     started = time.monotonic()
     waiting.acquire()
-    assert 0.3 <= time.monotonic() - started < 5
+    assert 0.5 <= time.monotonic() - started < 10
     waiting.release()
 
 

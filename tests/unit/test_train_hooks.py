@@ -239,9 +239,12 @@ def test_sigterm_saves_then_stops_the_worker(tmp_path: Path) -> None:
 
 def test_the_progress_line_shows_step_loss_validation_and_rate(tmp_path: Path) -> None:
     bar = ProgressBar.__new__(ProgressBar)
-    bar.run_name = "debug"
+    bar.run_name, bar.baseline = "debug", None
+    assert bar.describe(outcome(4), CheckpointState()) == "train debug step 4 loss 0.250 100 tok/s"
     state = CheckpointState(val_losses=[[2, 1.23456]])
     assert bar.describe(outcome(4), state) == "train debug step 4 loss 0.250 val 1.235 100 tok/s"
+    bar.baseline = 3.21
+    assert bar.describe(outcome(4), state) == "train debug step 4 loss 0.250 val 1.235 (unigram 3.210) 100 tok/s"
 
 
 def test_throughput_measures_the_second_half_of_the_launch() -> None:

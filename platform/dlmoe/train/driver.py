@@ -28,6 +28,9 @@ from dlmoe.errors import ConfigError, DataError, DlmoeError, ExportError
 from dlmoe.tracking import open_run, tracking_uri
 from dlmoe.train.step import job_tokenizer
 
+DEFAULT_CORPUS_HELDOUT = 0.1  # the share of the default corpus's documents held out (data.validation=heldout)
+BASELINE_MAX_TOKENS = 2**28  # the unigram baseline is counted for training sets up to this size
+
 
 @dataclass
 class TrainingResult:
@@ -47,6 +50,7 @@ class TrainingResult:
     tokens_per_second: float = 0.0
     best_checkpoint: str = ""  # by checkpoint.score_attribute, when set
     best_score: float | None = None
+    unigram_baseline: float | None = None  # held-out unigram cross-entropy (nats/token), with a validation set
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2) + "\n"
@@ -59,13 +63,27 @@ def prepare_dataset(job: JobConfig, *, progress: bool) -> str:
     if job.data.validation == HELDOUT:
         from data_pipeline.shards import MANIFEST_FILE
 
-        held = storage.resolve(job.data.validation_uri, endpoint_url=job.endpoint_url)
+        held = storage.resolve(job.validation_uri, endpoint_url=job.endpoint_url)
         if not storage.exists(held.child(MANIFEST_FILE)):
             raise DataError(f"the dataset {job.data.uri} has no held-out set at {held.uri} (data.validation="
                             f"heldout): tokenize it with dlmoe tokenize --validation-fraction F")
     if job.data.validation:
-        _check_dataset(job, job.data.validation_uri)
+        _check_dataset(job, job.validation_uri)
     return uri
+
+
+def unigram_baseline(job: JobConfig) -> float | None:
+    """The held-out unigram cross-entropy (nats/token) of the job's training and validation sets — the loss of a
+    model that ignores context, the first baseline a trained one must beat — when the job has a validation set and
+    the training set is small enough to count here (``BASELINE_MAX_TOKENS``); else ``None``."""
+    from data_pipeline.baselines import heldout_unigram_cross_entropy
+    from data_pipeline.shards import read_manifest
+
+    if not job.data.validation:
+        return None
+    if read_manifest(job.dataset_uri, endpoint_url=job.endpoint_url).tokens > BASELINE_MAX_TOKENS:
+        return None
+    return heldout_unigram_cross_entropy(job.dataset_uri, job.validation_uri, endpoint_url=job.endpoint_url)
 
 
 def _training_dataset(job: JobConfig, *, progress: bool) -> str:
@@ -77,11 +95,10 @@ def _training_dataset(job: JobConfig, *, progress: bool) -> str:
     if job.data.tokenizer != "byte" or job.objective.kind != "pretrain":
         raise ConfigError("the default corpus is byte-level pretraining text; SFT or another tokenizer needs a "
                           "tokenized dataset in data.uri (dlmoe tokenize)", key="data.uri")
-    root = storage.resolve(job.checkpoint.storage, endpoint_url=job.endpoint_url)
-    uri = root.child("data").child(f"stdlib-bytes-{job.data.seq_len}").uri
-    run_tokenize(TokenizeSpec(output=uri, seq_len=job.data.seq_len, endpoint_url=job.endpoint_url),
-                 progress=progress)
-    return uri
+    # Ours to keep: a copy made by an older dlmoe (another split) is made again rather than refused.
+    run_tokenize(TokenizeSpec(output=job.dataset_uri, seq_len=job.data.seq_len, endpoint_url=job.endpoint_url,
+                              validation_fraction=DEFAULT_CORPUS_HELDOUT, overwrite=True), progress=progress)
+    return job.dataset_uri
 
 
 def _check_dataset(job: JobConfig, uri: str) -> None:
@@ -185,6 +202,7 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
     job = _with_absolute_paths(job)
     check_init_from(job)
     dataset = prepare_dataset(job, progress=progress)
+    baseline = unigram_baseline(job)
     where = storage.resolve(job.checkpoint.storage, endpoint_url=job.endpoint_url)
     check_resumable(job)
     if not where.is_s3:
@@ -198,7 +216,8 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu,
-                           "mlflow_run_id": mlflow_run_id, "progress": progress, "threads": threads},
+                           "mlflow_run_id": mlflow_run_id, "progress": progress, "threads": threads,
+                           "unigram_baseline": baseline},
         torch_config=TorchWithSigterm(sigterm_grace_s=job.checkpoint.sigterm_grace_s),
         scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
                                      resources_per_worker=per_worker or None),
@@ -226,7 +245,8 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
                           export=str(metrics.get("export", "")), mlflow_run_id=mlflow_run_id or "",
                           tracking_uri=job.tracking.uri if mlflow_run_id else "",
                           tokens_per_second=float(metrics.get("tokens_per_s", 0.0)),
-                          best_checkpoint=best[0] if best else "", best_score=best[1] if best else None)
+                          best_checkpoint=best[0] if best else "", best_score=best[1] if best else None,
+                          unigram_baseline=baseline)
 
 
 def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], attribute: str, order: str) -> tuple[str, float] | None:

@@ -170,12 +170,13 @@ class ExportPoll(Hook):
 
 
 class ProgressBar(Hook):
-    """Rank 0's progress line: step, loss, validation loss, throughput."""
+    """Rank 0's progress line: step, loss, validation loss (beside the held-out unigram baseline, when known),
+    throughput."""
 
-    def __init__(self, job: JobConfig, first_step: int) -> None:
+    def __init__(self, job: JobConfig, first_step: int, baseline: float | None = None) -> None:
         from ray.experimental.tqdm_ray import tqdm
 
-        self.run_name = job.run_name
+        self.run_name, self.baseline = job.run_name, baseline
         self.bar = tqdm(total=job.train.steps - first_step, desc=f"train {job.run_name} from step {first_step}")
 
     def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
@@ -184,6 +185,8 @@ class ProgressBar(Hook):
 
     def describe(self, done: StepOutcome, state: CheckpointState) -> str:
         val = f" val {state.val_losses[-1][1]:.3f}" if state.val_losses else ""
+        if val and self.baseline is not None:
+            val += f" (unigram {self.baseline:.3f})"
         return f"train {self.run_name} step {done.step} loss {done.loss:.3f}{val} {done.tokens_per_s:.0f} tok/s"
 
     def at_end(self, end: RunEnd) -> None:
@@ -234,13 +237,16 @@ class Checkpointer(Hook):
 
 def build_hooks(job: JobConfig, *, rank: int, world: int, engine: Any, tracker: Tracker,
                 validation: Validation | None, exports: CheckpointExports | None, first_step: int,
-                progress: bool) -> list[Hook]:
-    """The loop's components for this rank, in the order they are called."""
+                progress: bool, baseline: float | None = None) -> list[Hook]:
+    """The loop's components for this rank, in the order they are called. ``baseline``: the held-out unigram
+    cross-entropy, shown beside the validation loss and logged once (``unigram_baseline``) when given."""
+    if baseline is not None:
+        tracker.log_metrics({"unigram_baseline": baseline}, first_step)
     hooks: list[Hook] = [FaultInjection(job, rank), MetricsLog(job, engine, tracker)]
     if validation is not None:
         hooks.append(ValidationRun(job, validation, engine, tracker))
     if progress and rank == 0:
-        hooks.append(ProgressBar(job, first_step))
+        hooks.append(ProgressBar(job, first_step, baseline))
     if exports is not None:
         hooks.append(ExportPoll(job, exports))
     hooks.append(Checkpointer(job, engine, rank, world, tracker, exports, validation is not None))

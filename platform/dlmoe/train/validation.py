@@ -24,7 +24,7 @@ from dlmoe.train.step import micro_batches, objective_settings
 
 class Validation:
     def __init__(self, job: JobConfig, rank: int, world: int, tokenizer_fingerprint: str) -> None:
-        stream = TokenStream(job.data.validation_uri, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
+        stream = TokenStream(job.validation_uri, global_batch_size=job.data.global_batch_size, seed=job.data.seed,
                              rank=rank, world_size=world, seq_len=job.data.seq_len,
                              tokenizer_fingerprint=tokenizer_fingerprint, kind=job.objective.kind,
                              endpoint_url=job.endpoint_url, max_batches=job.train.eval_batches)

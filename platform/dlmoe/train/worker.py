@@ -33,7 +33,7 @@ from dlmoe.train.validation import Validation
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every rank. ``config``: ``job`` (the resolved job as a dict), ``dataset``
     (a tokenized dataset URI), ``use_gpu``, ``threads`` (torch threads of a CPU worker), ``mlflow_run_id``,
-    ``progress``."""
+    ``progress``, ``unigram_baseline`` (the held-out unigram cross-entropy, or ``None``)."""
     job = job_from_dict(config["job"])
     if not config["use_gpu"]:
         torch.set_num_threads(config["threads"])
@@ -58,7 +58,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation = Validation(job, rank, world, tokenizer.fingerprint) if job.train.eval_every else None
     exports = CheckpointExports(job, tracker, run_id) if rank == 0 and job.export.enabled else None
     hooks = build_hooks(job, rank=rank, world=world, engine=engine, tracker=tracker, validation=validation,
-                        exports=exports, first_step=state.step, progress=config.get("progress", True))
+                        exports=exports, first_step=state.step, progress=config.get("progress", True),
+                        baseline=config.get("unigram_baseline"))
     throughput = Throughput(world, state.step, steps)
     runner = StepRunner(job, engine, model, world, PreemptionWatch(rank), throughput)
     batches = iter(stream)
