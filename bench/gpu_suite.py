@@ -291,7 +291,10 @@ class Suite:
             if name != "install" and not self.report["steps"].get("install", {"ok": True})["ok"]:
                 self.report["steps"][name] = {"ok": False, "error": "not run: the install step failed"}
                 continue
-            self.report["steps"][name] = getattr(self, name)()
+            started = time.perf_counter()
+            result = getattr(self, name)()
+            result.setdefault("seconds", round(time.perf_counter() - started, 1))
+            self.report["steps"][name] = result
             self.write()
         self.report["total_s"] = round(time.perf_counter() - self.started, 1)
         self.write()
