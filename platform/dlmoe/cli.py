@@ -15,6 +15,28 @@ if TYPE_CHECKING:  # the sampler (torch) is imported by the commands that decode
     from dlmoe.diffusion import GenerationSettings
 
 
+def _check_tracking_uri(uri: str, where: str) -> str:
+    """``uri`` when MLflow has a tracking store for its scheme; else a ``DlmoeError`` naming it and ``where`` it came
+    from, raised before anything starts (MLflow itself fails only when the first call reaches the store)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # the registry MlflowClient asks
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException as exc:
+        scheme = uri.partition("://")[0]
+        raise DlmoeError(f"unsupported MLflow tracking URI '{uri}' ({where}): MLflow has no store for scheme "
+                         f"'{scheme}'; use e.g. sqlite:///mlflow.db, http://HOST:5000 or a folder") from exc
+    return uri
+
+
+def _flag_tracking_uri(flag: str | None) -> str:
+    """The tracking URI of a ``--tracking-uri`` flag (``default_tracking_uri``), checked by ``_check_tracking_uri``."""
+    from dlmoe.tracking import default_tracking_uri
+
+    return _check_tracking_uri(default_tracking_uri(flag), "--tracking-uri" if flag else "MLFLOW_TRACKING_URI")
+
+
 def _info(args: argparse.Namespace) -> int:
     from dlmoe.model import build_model, count_parameters, get_flavor
 
@@ -39,6 +61,10 @@ def _train(args: argparse.Namespace) -> int:
     from dlmoe.train.driver import run_training, show_sample
 
     job = load_job_config(args.job, args.overrides)
+    if job.tracking.enabled:
+        from dlmoe.tracking import tracking_uri
+
+        _check_tracking_uri(tracking_uri(job), "tracking.uri" if job.tracking.uri else "MLFLOW_TRACKING_URI")
     print(f"# resolved job configuration ({args.job or 'embedded default jobs/debug.yaml'})")
     print(job.to_yaml())
     result = run_training(job, progress=not args.no_progress)
@@ -79,11 +105,13 @@ def _sampler_settings(args: argparse.Namespace) -> GenerationSettings:
     """The ``GenerationSettings`` of ``_add_sampler_flags``' flags (and ``generate``'s EOS flags, where given)."""
     from dlmoe.diffusion import GenerationSettings
 
-    return GenerationSettings(
+    settings = GenerationSettings(
         gen_length=args.gen_length, block_length=args.block_length,
         steps=args.gen_length if args.steps is None else args.steps, threshold=args.threshold,
         temperature=args.temperature, stop_at_eos=not getattr(args, "no_stop_at_eos", False),
         suppress_eos=getattr(args, "suppress_eos", False), seed=args.seed)
+    settings.check()  # before any model loads
+    return settings
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -97,6 +125,7 @@ def _generate(args: argparse.Namespace) -> int:
     from dlmoe.errors import DataError
     from dlmoe.export import load_pretrained
 
+    settings = _sampler_settings(args)
     folder = Path(args.model_dir)
     model = load_pretrained(folder, device=args.device)
     config = model.config
@@ -105,7 +134,6 @@ def _generate(args: argparse.Namespace) -> int:
                         f"the model")
     tokenizer = load_tokenizer(folder, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                mask_id=config.mask_token_id)
-    settings = _sampler_settings(args)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     total = settings.steps if settings.threshold is None else None
     with tqdm(total=total, desc="forward passes", unit="pass", disable=args.no_progress or args.json,
@@ -133,7 +161,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     from dlmoe.evaluation import load_for_eval
     from dlmoe.evaluation.runner import EvalRequest, check_tasks, list_tasks, log_results, resolve_run, run_evaluation
-    from dlmoe.tracking import default_tracking_uri
 
     if args.list_tasks:
         print("\n".join(list_tasks(args.include_path)))
@@ -147,8 +174,8 @@ def _eval(args: argparse.Namespace) -> int:
                           include_path=args.include_path, check_greedy=not args.no_greedy_check,
                           progress=not args.no_progress)
     manager = check_tasks(request)
+    tracking_uri = _flag_tracking_uri(args.tracking_uri)
     loaded = load_for_eval(args.model_dir, device=args.device)
-    tracking_uri = default_tracking_uri(args.tracking_uri)
     # Without a tracking URI or run id, a missing default store means there is no run to find: do not create one.
     local_default = args.tracking_uri is None and tracking_uri.startswith("sqlite:///") and \
         not Path(tracking_uri.removeprefix("sqlite:///")).exists()
@@ -232,14 +259,15 @@ def _data_info(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from dlmoe.export.checkpoint import export_checkpoint
+    from dlmoe.tracking import register_model_version
 
+    # Checked before the folder is written: a refused registry must not leave an export behind.
+    registry = _flag_tracking_uri(args.tracking_uri) if args.register else ""
     result = export_checkpoint(args.source, args.out, dtype=args.dtype, endpoint_url=args.endpoint_url)
     report = dict(result.__dict__)
     if args.register:
-        from dlmoe.tracking import default_tracking_uri, register_model_version
-
         report["registered_version"] = register_model_version(
-            default_tracking_uri(args.tracking_uri), args.register, result.uri,
+            registry, args.register, result.uri,
             tags={"dlmoe.step": str(result.step), "dlmoe.checkpoint": result.checkpoint})
     if args.json:
         print(json.dumps(report, indent=2))
@@ -253,16 +281,17 @@ def _export(args: argparse.Namespace) -> int:
 
 def _dashboard(args: argparse.Namespace) -> int:
     from dlmoe.monitor.dashboard import serve
-    from dlmoe.tracking import default_tracking_uri
 
     if args.imbalance_threshold <= 1.0:
         raise DlmoeError(f"--imbalance-threshold is a max/mean token share and must exceed 1 (1 is perfect "
                          f"balance), got {args.imbalance_threshold}")
     if args.refresh_seconds <= 0:
         raise DlmoeError(f"--refresh-seconds must be positive, got {args.refresh_seconds}")
+    if not 0 <= args.port <= 65535:
+        raise DlmoeError(f"--port must lie in 0-65535 (0 picks a free one), got {args.port}")
+    uri = _flag_tracking_uri(args.tracking_uri)
     try:
-        serve(default_tracking_uri(args.tracking_uri), args.host, args.port, args.imbalance_threshold,
-              args.refresh_seconds)
+        serve(uri, args.host, args.port, args.imbalance_threshold, args.refresh_seconds)
     except OSError as exc:
         raise DlmoeError(f"the dashboard cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     except KeyboardInterrupt:

@@ -381,6 +381,20 @@ def _to_config_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(message, key=key, source=source)
 
 
+def _section_given_a_value(schema: DictConfig, cfg: DictConfig, prefix: str = "") -> str | None:
+    """The dotted key of the first section of ``schema`` that ``cfg`` sets to a plain value (``train: 5``)."""
+    for name, value in cfg.items():
+        key = str(name)
+        if key not in schema or not isinstance(schema[key], DictConfig):
+            continue
+        if not isinstance(value, DictConfig):
+            return f"{prefix}{key}"
+        inner = _section_given_a_value(schema[key], value, f"{prefix}{key}.")
+        if inner is not None:
+            return inner
+    return None
+
+
 def _flavor_of(yaml_cfg: DictConfig, overrides_cfg: DictConfig) -> str:
     for cfg in (overrides_cfg, yaml_cfg):
         model = cfg.get("model")
@@ -399,7 +413,9 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
     path = Path(path) if path is not None else DEFAULT_JOB
     source = str(path)
     if not path.is_file():
-        raise ConfigError(f"job file not found: {path}")
+        # ``dlmoe train train.steps`` is an override missing its value more often than a job file.
+        hint = "" if path.suffix in (".yaml", ".yml") else "; an override is key=value (e.g. train.steps=50)"
+        raise ConfigError(f"job file not found: {path}{hint}")
     try:
         yaml_cfg = OmegaConf.load(path)
     except Exception as exc:  # yaml.YAMLError and friends: re-raised with the file named
@@ -426,6 +442,9 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
         try:
             merged = OmegaConf.merge(merged, cfg)
         except OmegaConfBaseException as exc:
+            section = _section_given_a_value(merged, cfg)
+            if section is not None:  # OmegaConf's merge error names no key for this one
+                raise ConfigError("a section takes keys, not a value", key=section, source=where) from exc
             raise _to_config_error(exc, where) from exc
     try:
         job = OmegaConf.to_object(merged)

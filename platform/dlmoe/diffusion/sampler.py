@@ -47,7 +47,18 @@ class GenerationSettings:
         return self.gen_length // self.block_length
 
     def validate(self, prompt_lengths: Sequence[int], max_positions: int) -> None:
-        """Raise ``GenerationError`` naming the setting that cannot work."""
+        """Raise ``GenerationError`` naming the setting, or the prompt, that cannot work."""
+        self.check()
+        if not prompt_lengths:
+            raise GenerationError("no prompts given")
+        longest = max(prompt_lengths)
+        if longest + self.gen_length > max_positions:
+            raise GenerationError(f"prompt of {longest} tokens + gen_length {self.gen_length} exceeds the model's "
+                                  f"context of {max_positions} positions (max_position_embeddings)")
+
+    def check(self) -> None:
+        """Raise ``GenerationError`` naming the setting that cannot work whatever the model and prompts (the
+        command line checks this before it loads a model)."""
         if self.gen_length <= 0:
             raise GenerationError(f"gen_length must be positive, got {self.gen_length}")
         if self.block_length <= 0 or self.gen_length % self.block_length:
@@ -64,12 +75,6 @@ class GenerationSettings:
             raise GenerationError(f"threshold must lie in (0, 1], got {self.threshold}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
             raise GenerationError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not prompt_lengths:
-            raise GenerationError("no prompts given")
-        longest = max(prompt_lengths)
-        if longest + self.gen_length > max_positions:
-            raise GenerationError(f"prompt of {longest} tokens + gen_length {self.gen_length} exceeds the model's "
-                                  f"context of {max_positions} positions (max_position_embeddings)")
 
 
 @dataclass

@@ -247,6 +247,12 @@ def load_config(model_dir: str | Path, mask_token_id: int | None = None) -> Mode
     folder = Path(model_dir)
     if not folder.is_dir():
         raise ExportError(f"model folder {folder} does not exist")
+    if not (folder / CONFIG_FILE).exists():
+        from dlmoe.checkpointing import FOLDER_PREFIX, STATE_FILE
+
+        if (folder / STATE_FILE).exists() or any(folder.glob(f"{FOLDER_PREFIX}*/{STATE_FILE}")):
+            raise ExportError(f"{folder} is a training checkpoint or run folder, not a model folder: export it "
+                              f"first (dlmoe export {folder} --out MODEL_DIR)")
     facts = read_dlmoe_facts(folder)
     if mask_token_id is None and facts.get("mask_token_id") is not None:
         mask_token_id = int(facts["mask_token_id"])
