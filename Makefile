@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint unit bench clean helm browser golden
+.PHONY: train test lint unit bench clean helm browser golden readme-table
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ golden: $(STAMP)
 	DLMOE_REWRITE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_golden.py
 	@git --no-pager diff --stat -- tests/golden
 	@git --no-pager diff --word-diff=plain -- tests/golden
+
+# The README's "What happens when…" table, rendered from the fault and bad-input tests it names.
+readme-table: $(STAMP)
+	$(BIN)/python -m tests.reliability_table
 
 # The chart tests run the real helm: the one on the PATH, else helm v4 fetched into .tools/ (DESIGN.md §5).
 helm:
