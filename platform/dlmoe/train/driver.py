@@ -259,8 +259,10 @@ def best_checkpoint(kept: list[tuple[Any, dict[str, Any]]], attribute: str, orde
     return (min if order == "min" else max)(scored, key=lambda item: item[1])
 
 
-def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> str | None:
-    """A short generation from an exported folder (local exports only), to show the model end to end."""
+def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 48) -> str | None:
+    """A short generation from an exported folder (local exports only), to show the model end to end: sampled at
+    temperature 1, one token per forward pass from left to right, seed 0. (Greedy confidence decoding of a model as
+    small as the default job's fills the answer with its likeliest byte, a space, which shows nothing it learned.)"""
     from data_pipeline.tokenizers import load_tokenizer
     from dlmoe.diffusion import GenerationSettings, generate
     from dlmoe.export import load_pretrained
@@ -272,7 +274,7 @@ def show_sample(export_uri: str, prompt: str = "def ", gen_length: int = 32) -> 
     config = model.config
     tokenizer = load_tokenizer(folder, eos_id=config.eos_token_id, pad_id=config.pad_token_id,
                                mask_id=config.mask_token_id)
-    settings = GenerationSettings(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    settings = GenerationSettings(gen_length=gen_length, block_length=1, steps=gen_length, temperature=1.0, seed=0)
     result = generate(model, [tokenizer.encode(prompt)], settings, mask_id=config.mask_token_id,
                       eos_id=config.eos_token_id, pad_id=config.pad_token_id)
     return prompt + tokenizer.decode(result.answers[0])
