@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_batch import Outcome, run_batch
-from tests.unit.test_bad_inputs import USAGE, Case, _dataset
+from tests.unit.test_bad_inputs import USAGE, Case, write_dataset
 
 RAY_GROUPS: dict[str, dict[str, Case]] = {
     "data": {
@@ -37,7 +37,7 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Outcome],
     (ws / "binary" / "blob.txt").write_bytes(bytes(range(256)) * 8)
     (ws / "docs.jsonl").write_text(json.dumps({"text": "a document"}) + "\n")
     (ws / "bad.parquet").write_bytes(b"PAR1 this is no parquet file PAR1")
-    _dataset(ws / "dataset", fingerprint="0" * 64, seq_len=128)  # the debug job's seq_len
+    write_dataset(ws / "dataset", fingerprint="0" * 64, seq_len=128)  # the debug job's seq_len
     cases = {name: case.argv.format(ws=ws).split() for name, case in RAY_CASES.items()}
     outcomes, child_stderr = run_batch(cases, cwd=ws, timeout=600)
     assert "Traceback" not in child_stderr, child_stderr[-3000:]

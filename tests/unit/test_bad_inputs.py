@@ -109,7 +109,7 @@ CLI_GROUPS: dict[str, dict[str, Case]] = {
 CLI_CASES: dict[str, Case] = {name: case for group in CLI_GROUPS.values() for name, case in group.items()}
 
 
-def _dataset(folder: Path, fingerprint: str, shards: int = 3, seq_len: int = 16) -> None:
+def write_dataset(folder: Path, fingerprint: str, shards: int = 3, seq_len: int = 16) -> None:
     """A tokenized dataset of byte-level rows whose manifest names ``fingerprint`` as its tokenizer."""
     loc = storage.resolve(str(folder))
     tok = byte_tokenizer()
@@ -134,8 +134,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (ws / "empty").mkdir()
     save_pretrained(build_model(get_flavor("debug")), ws / "model", tokenizer=byte_tokenizer())
     save_pretrained(build_model(get_flavor("debug")), ws / "bare-model")
-    _dataset(ws / "dataset", fingerprint="0" * 64)
-    _dataset(ws / "corrupt", fingerprint=byte_tokenizer().fingerprint)
+    write_dataset(ws / "dataset", fingerprint="0" * 64)
+    write_dataset(ws / "corrupt", fingerprint=byte_tokenizer().fingerprint)
     shard = ws / "corrupt" / shard_name(1)
     shard.write_bytes(b"PAR1" + bytes(shard.stat().st_size - 4))  # same size, garbage inside
     (ws / "checkpoint").mkdir()
