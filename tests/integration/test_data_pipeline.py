@@ -209,7 +209,7 @@ def test_sft_rows_with_prompt_length(tmp_path: Path, bucket: str) -> None:
 
 
 def test_training_reads_the_dataset(s3_dataset: str, tmp_path: Path) -> None:
-    overrides = [f"data.uri={s3_dataset}", "data.validation=", "train.eval_every=0", f"data.seq_len={SEQ_LEN}",
+    overrides = [f"data.uri={s3_dataset}", "data.validation=''", "train.eval_every=0", f"data.seq_len={SEQ_LEN}",
                  "train.steps=4", "train.warmup_steps=1", f"checkpoint.storage={tmp_path}", "export.enabled=false",
                  "tracking.enabled=false",
                  "parallel.num_workers=1", "parallel.ep_size=1"]

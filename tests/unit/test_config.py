@@ -82,7 +82,7 @@ def test_config_hash_and_yaml_reflect_values() -> None:
         ("checkpoint.sigterm_grace_s=0", "checkpoint.sigterm_grace_s", "must be positive"),
         ("export.dtype=fp16", "export.dtype", "must be bf16, fp32 or empty"),
         ("export.every_n_checkpoints=-1", "export.every_n_checkpoints", "must be non-negative"),
-        ("data.validation= train.eval_every=5", "train.eval_every", "needs a held-out dataset in data.validation"),
+        ("data.validation='' train.eval_every=5", "train.eval_every", "needs a held-out dataset in data.validation"),
         ("data.validation=held-out train.eval_every=0", "data.validation", "set train.eval_every"),
         ("train.eval_batches=0", "train.eval_batches", "must be positive"),
     ],
