@@ -46,6 +46,9 @@ Run (from the repository root):
     .venv/bin/python bench/moe_layer.py                      # defaults: --iters 5 --tokens 4096
     .venv/bin/python bench/moe_layer.py --iters 2 --tokens 1024 --impls ours,naive
     .venv/bin/python bench/moe_layer.py --json /tmp/moe_layer.json
+    .venv/bin/python bench/moe_layer.py --alternate 9    # ours and gemms in turn, one process: the ratio
+    git archive REV platform | tar -x -C /tmp/old      # then, against that revision's block:
+    .venv/bin/python bench/moe_layer.py --alternate 9 --baseline /tmp/old
 The glibc allocator settings matter for these large temporaries: MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_
 and MALLOC_TOP_PAD_ are printed (set them in the environment of this command; subprocesses inherit them).
 """
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import importlib.util
 import os
 import platform
 import statistics
@@ -61,6 +65,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -437,6 +442,60 @@ def run_in_subprocess(impl: str, tokens: int, iters: int) -> dict[str, Any]:
     return run_isolated(run_impl, {"impl": impl}, impl, tokens, iters)
 
 
+def _baseline_block(tree: Path, like: nn.Module) -> nn.Module:
+    """``MoEBlock`` from another checkout's ``platform/dlmoe/model/moe.py`` (e.g. ``git archive REV platform``),
+    with ``like``'s weights."""
+    from dlmoe.model import get_flavor
+
+    source = tree / "platform" / "dlmoe" / "model" / "moe.py"
+    spec = importlib.util.spec_from_file_location("baseline_moe", source)
+    if spec is None or spec.loader is None or not source.is_file():
+        raise FileNotFoundError(f"--baseline {tree}: no {source}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = dataclasses.replace(get_flavor("tiny"), hidden_size=HIDDEN, num_experts=NUM_EXPERTS,
+                              num_experts_per_tok=TOP_K, expert_intermediate_size=INTERMEDIATE)
+    block: nn.Module = module.MoEBlock(cfg)
+    block.load_state_dict(like.state_dict())
+    return block
+
+
+def alternate(tokens: int, rounds: int, baseline: Path | None) -> dict[str, Any]:
+    """``ours``, ``gemms`` and, with ``baseline``, another checkout's block, in this one process, one iteration
+    of each in turn for ``rounds`` rounds after the warm-up: on a shared machine they see the same disturbances,
+    so the per-round ratios are what to read."""
+    block, x, grad = _build_ours(tokens)
+    blocks = {"ours": block} | ({"baseline": _baseline_block(baseline, block)} if baseline else {})
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        name: (lambda t, b=b: b(t)[0]) for name, b in blocks.items()}
+    fns["gemms"] = _setup("gemms", tokens)[0]
+    x.requires_grad_(True)
+
+    def one_iter(name: str) -> float:
+        x.grad = None
+        for p in blocks[name].parameters() if name in blocks else ():
+            p.grad = None
+        t0 = time.perf_counter()
+        torch.autograd.backward(fns[name](x), grad)
+        return time.perf_counter() - t0
+
+    for _ in range(WARMUP):
+        for name in fns:
+            one_iter(name)
+    contention = CpuContention()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name in fns:
+            times[name].append(one_iter(name))
+    ratios = {f"{name}/gemms": [t / g for t, g in zip(times[name], times["gemms"], strict=True)] for name in blocks}
+    if baseline:
+        ratios["ours/baseline"] = [o / b for o, b in zip(times["ours"], times["baseline"], strict=True)]
+    return {"tokens": tokens, "rounds": rounds, "threads": torch.get_num_threads(), "baseline": str(baseline or ""),
+            "times_ms": {name: [t * 1e3 for t in v] for name, v in times.items()}, "ratios": ratios,
+            "median_ratios": {k: statistics.median(v) for k, v in ratios.items()},
+            "others_cores": contention.others_cores()}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------------
@@ -472,7 +531,21 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per implementation (default 5)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per iteration (default 4096)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}")
+    parser.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ours and gemms in turn in one process for ROUNDS rounds (a shared machine)")
+    parser.add_argument("--baseline", type=Path, metavar="TREE",
+                        help="with --alternate: also another checkout's MoEBlock (git archive REV platform | tar -x)")
     args = parser.parse_args()
+    if args.alternate:
+        result = alternate(args.tokens, args.alternate, args.baseline)
+        medians = ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in result["times_ms"].items())
+        print(f"{args.alternate} alternating rounds in one process, T={args.tokens}, {result['threads']} threads, "
+              f"other processes {result['others_cores']:.2f} cores; median ms: {medians}")
+        for key, values in result["ratios"].items():
+            print(f"{key}: median of the per-round ratios {result['median_ratios'][key]:.3f} "
+                  f"({', '.join(f'{r:.2f}' for r in values)})")
+        write_json(args.json, result)
+        return
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
