@@ -66,10 +66,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     The routing weight scales the activation (width I) rather than the output (width D): the same product,
     on the narrower tensor. Only the input rows, the gate/up pre-activations and the weights are saved; the
-    activation is recomputed in backward, and the backward writes the pre-activations' gradient over the saved
-    pre-activations themselves, so that its element-wise work allocates one [N, I] tensor (each fresh large
-    tensor costs its page faults on a CPU). A second backward through the same graph is refused by autograd
-    (the saved tensor was modified), as for any function that consumes what it saved.
+    activation is recomputed in backward.
     """
 
     @staticmethod
@@ -77,8 +74,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 down_EDI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         inter = down_EDI.shape[-1]
         h_NH = _grouped_mm(x_ND, gate_up_EHD.transpose(-2, -1), offs_E)
-        act_NI = F.silu(h_NH[:, :inter])
-        act_NI.mul_(h_NH[:, inter:]).mul_(weight_N[:, None])
+        gate, up = h_NH[:, :inter], h_NH[:, inter:]
+        act_NI = F.silu(gate) * up
+        act_NI *= weight_N[:, None]
         ctx.save_for_backward(x_ND, weight_N, h_NH, gate_up_EHD, down_EDI, offs_E)
         return _grouped_mm(act_NI, down_EDI.transpose(-2, -1), offs_E)
 
@@ -88,54 +86,22 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x_ND, weight_N, h_NH, gate_up_EHD, down_EDI, offs_E = ctx.saved_tensors
         inter = down_EDI.shape[-1]
         grad_ND = grad_ND.contiguous()
-        gate_NI, up_NI = h_NH[:, :inter], h_NH[:, inter:]  # views: both halves are overwritten below
-        weight_N1 = weight_N[:, None]
-        grad_weighted_NI = _grouped_mm(grad_ND, down_EDI, offs_E)  # d loss / d (weight * act)
-        # d silu(g)/dg = sig + silu * (1 - sig), built in one buffer; silu replaces gate, act replaces up.
-        dsilu_NI = torch.sigmoid(gate_NI)
-        silu_NI = gate_NI.mul_(dsilu_NI)
-        dsilu_NI.addcmul_(silu_NI, dsilu_NI, value=-1).add_(silu_NI).mul_(up_NI)  # now dsilu * up
-        act_NI = up_NI.mul_(silu_NI)
-        grad_weight_N = torch.bmm(grad_weighted_NI.unsqueeze(1), act_NI.unsqueeze(2)).view(-1)  # row-wise dot
-        grad_down = _grouped_mm(grad_ND.t(), act_NI.mul_(weight_N1), offs_E)
-        grad_act_NI = grad_weighted_NI.mul_(weight_N1)
-        # The gradient of [gate | up], in h's own storage: up's half first, as it still reads silu from gate's.
-        torch.mul(grad_act_NI, silu_NI, out=up_NI)
-        torch.mul(grad_act_NI, dsilu_NI, out=gate_NI)
-        grad_gate_up = _grouped_mm(h_NH.t(), x_ND, offs_E)
-        grad_x = _grouped_mm(h_NH, gate_up_EHD, offs_E)
+        gate, up = h_NH[:, :inter], h_NH[:, inter:]
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        act_NI = silu * up
+        grad_weighted_NI = _grouped_mm(grad_ND, down_EDI, offs_E)
+        grad_weight_N = (grad_weighted_NI * act_NI).sum(-1)
+        act_NI *= weight_N[:, None]
+        grad_down = _grouped_mm(grad_ND.t(), act_NI, offs_E)
+        grad_act_NI = grad_weighted_NI.mul_(weight_N[:, None])
+        # d silu(g)/dg = sig + silu * (1 - sig); both halves are written in place to skip a concatenation.
+        grad_h_NH = torch.empty_like(h_NH)
+        torch.mul(grad_act_NI, silu, out=grad_h_NH[:, inter:])
+        torch.mul(grad_act_NI * up, torch.addcmul(sig, silu, 1 - sig), out=grad_h_NH[:, :inter])
+        grad_gate_up = _grouped_mm(grad_h_NH.t(), x_ND, offs_E)
+        grad_x = _grouped_mm(grad_h_NH, gate_up_EHD, offs_E)
         return grad_x, grad_weight_N, grad_gate_up, grad_down, None
-
-
-class _Dispatch(torch.autograd.Function):
-    """Token rows to expert-sorted slot rows (``x_TD[token_N]``). Its backward sums each token's K slot gradients
-    with one fused gather-sum over ``slot_TK`` (the sorted position of each (token, k)) instead of autograd's
-    scatter-add into a zeroed tensor."""
-
-    @staticmethod
-    def forward(ctx: Any, x_TD: torch.Tensor, token_N: torch.Tensor, slot_TK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(slot_TK)
-        return torch.index_select(x_TD, 0, token_N)
-
-    @staticmethod
-    def backward(ctx: Any, grad_ND: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (slot_TK,) = ctx.saved_tensors
-        return F.embedding_bag(slot_TK, grad_ND, mode="sum"), None, None
-
-
-class _Combine(torch.autograd.Function):
-    """Expert-sorted slot rows back to tokens, each token the sum of its K slots: the same permutation as
-    ``_Dispatch`` the other way (a gather-sum forward, a gather backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, y_ND: torch.Tensor, token_N: torch.Tensor, slot_TK: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(token_N)
-        return F.embedding_bag(slot_TK, y_ND, mode="sum")
-
-    @staticmethod
-    def backward(ctx: Any, grad_TD: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (token_N,) = ctx.saved_tensors
-        return torch.index_select(grad_TD, 0, token_N), None, None
 
 
 class GroupedExperts(nn.Module):
@@ -220,18 +186,13 @@ class MoEBlock(nn.Module):
         logits_TE, scores_TE, weights_TK, experts_TK = self.gate(x_TD)
         top_k = self.num_experts_per_tok
 
-        # One permutation serves the dispatch and the combine: order_N (sorted position -> slot t*K + k) and its
-        # inverse slot_TK (slot -> sorted position).
         slot_experts_N = experts_TK.reshape(-1)
         order_N = torch.argsort(slot_experts_N, stable=True)
         token_N = order_N // top_k
-        slot_TK = torch.empty_like(order_N).index_copy_(0, order_N, torch.arange(order_N.numel(),
-                                                                                  device=order_N.device))
-        slot_TK = slot_TK.view(-1, top_k)
         tokens_per_expert_E = torch.bincount(slot_experts_N, minlength=self.num_experts)
-        y_ND = self.experts(_Dispatch.apply(x_TD, token_N, slot_TK),  # type: ignore[no-untyped-call]
-                            weights_TK.reshape(-1)[order_N], tokens_per_expert_E)
-        out_TD: torch.Tensor = _Combine.apply(y_ND, token_N, slot_TK)  # type: ignore[no-untyped-call]
+        y_ND = self.experts(torch.index_select(x_TD, 0, token_N), weights_TK.reshape(-1)[order_N],
+                            tokens_per_expert_E)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
 
         if valid_T is not None:
             return out_TD.view(shape), router_stats(logits_TE[valid_T], scores_TE[valid_T], experts_TK[valid_T],
