@@ -38,7 +38,7 @@ from benchutil import (
     write_json,
 )
 
-from dlmoe.config import load_job_config
+from dlmoe.config import JobConfig, load_job_config
 from dlmoe.diffusion import MaskedDiffusionObjective
 from dlmoe.model import build_model, count_parameters
 from dlmoe.parallel import parallelize
@@ -88,14 +88,14 @@ def timed(step: Any, data: list[dict[str, Any]], warmup: int, device: str) -> li
     return times
 
 
-def stack_loop(job: Any, data: list[dict[str, Any]], warmup: int, device: str) -> list[float]:
+def stack_loop(job: JobConfig, data: list[dict[str, Any]], warmup: int, device: str) -> list[float]:
     config = job.model.to_model_config()
     engine = parallelize(build_model(config, device=device, seed=0), job, use_gpu=device == "cuda")
     objective = MaskedDiffusionObjective(objective_settings(job))
     return timed(lambda b: train_step(engine, objective, b, job.micro_batch_per_worker, 1), data, warmup, device)
 
 
-def plain_loop(job: Any, data: list[dict[str, Any]], warmup: int, device: str) -> list[float]:
+def plain_loop(job: JobConfig, data: list[dict[str, Any]], warmup: int, device: str) -> list[float]:
     config, t = job.model.to_model_config(), job.train
     model = build_model(config, device=device, seed=0)
     objective = MaskedDiffusionObjective(objective_settings(job))
