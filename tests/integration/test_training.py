@@ -28,8 +28,10 @@ from dlmoe.train.driver import TrainingResult, run_training
 from dlmoe.train.validation import Validation
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+# The equalities below (1 worker = 2, resume = uninterrupted) hold to rounding; the batch, lr and noise are pinned to
+# the regime they were written for (the default job's lr 5e-3 on 16 rows grows 1-vs-2-worker rounding past 1e-4).
 SHORT = ["train.steps=6", "train.warmup_steps=2", "checkpoint.every_steps=2", "export.enabled=false",
-         "tracking.enabled=false"]
+         "tracking.enabled=false", "train.lr=3e-3", "data.global_batch_size=8", "objective.stratified_t=false"]
 
 
 def train(storage: Path, *overrides: str) -> TrainingResult:
@@ -132,7 +134,7 @@ def test_checkpoint_holds_the_data_position(ep2_run: tuple[Path, TrainingResult]
                     key=lambda s: s["step"])
     assert [s["step"] for s in states][-1] == 6
     last = states[-1]
-    batch = load_job_config(None).data.global_batch_size
+    batch = load_job_config(None, SHORT).data.global_batch_size
     assert last["sample_in_epoch"] == 6 * batch and last["epoch"] == 0
     assert last["shape"]["parallel.ep_size"] == 2
     assert torch.tensor(last["losses"]).isfinite().all()
