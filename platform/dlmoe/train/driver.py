@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import socket
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline import storage
+from data_pipeline import ray_jobs, storage
 from dlmoe import checkpointing
 from dlmoe.config import HELDOUT, JobConfig, job_from_dict
 from dlmoe.errors import ConfigError, DataError, DlmoeError, ExportError
@@ -152,28 +149,6 @@ def check_resumable(job: JobConfig) -> None:
         checkpointing.check_resumable(job, found[0].state, run.uri)
 
 
-def ray_address() -> str | None:
-    """What ``ray.init`` should join: ``None`` lets Ray find the cluster in force (``RAY_ADDRESS``, or the one
-    ``ray start`` last recorded on this machine); ``"local"`` starts a fresh one when that record names a cluster
-    that no longer answers (one that crashed or was killed), where ``ray.init`` would wait on it and fail."""
-    from ray._common.utils import get_ray_address_file
-
-    if os.environ.get("RAY_ADDRESS"):
-        return None
-    record = Path(get_ray_address_file(None))
-    recorded = record.read_text().strip() if record.is_file() else ""
-    if not recorded:
-        return None
-    host, _, port = recorded.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except (OSError, ValueError):
-        warnings.warn(f"the Ray cluster recorded in {record} ({recorded}) does not answer; starting a local one",
-                      stacklevel=2)
-        return "local"
-    return None
-
-
 def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
     """Train ``job`` with Ray Train, holding the run's lock; returns the summary of the finished run."""
     lock = checkpointing.RunLock(job)
@@ -193,7 +168,7 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
     from dlmoe.train.worker import train_loop_per_worker
 
     if not ray.is_initialized():
-        ray.init(address=ray_address(), include_dashboard=False, logging_level=logging.ERROR)
+        ray.init(address=ray_jobs.ray_address(), include_dashboard=False, logging_level=logging.ERROR)
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
     if job.parallel.use_gpu and gpus < job.parallel.num_workers:

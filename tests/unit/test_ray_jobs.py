@@ -1,5 +1,5 @@
-"""Which Ray cluster `dlmoe train` joins: the one in force, or a fresh local one when the cluster this machine last
-recorded has gone."""
+"""Which Ray cluster `dlmoe train` and the Ray Data jobs join: the one in force, or a fresh local one when the
+cluster this machine last recorded has gone (there `ray.init()` would wait minutes on it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dlmoe.train.driver import ray_address
+from data_pipeline import ray_jobs
+from data_pipeline.ray_jobs import ray_address
 
 
 @pytest.fixture
@@ -44,3 +45,18 @@ def test_ray_address_in_the_environment_wins(record: Path, monkeypatch: pytest.M
     record.write_text("127.0.0.1:1")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     assert ray_address() is None
+
+
+def test_the_ray_data_jobs_start_a_local_ray_when_the_recorded_one_is_gone(record: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        record.write_text(f"127.0.0.1:{closed.getsockname()[1]}")
+    joined: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **_: joined.append(address))
+    with pytest.warns(UserWarning, match="does not answer"):
+        ray_jobs.ensure_ray()
+    assert joined == ["local"]
