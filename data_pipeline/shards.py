@@ -1,7 +1,9 @@
 """The shard format and its manifest (DESIGN.md §3).
 
 A dataset is a folder (local or S3) of parquet shards plus ``manifest.json``. Each shard has a column
-``input_ids`` (fixed-size list of int32, length ``seq_len``) and, for SFT data, ``prompt_len`` (int32). Shards are
+``input_ids`` (fixed-size list of int32, length ``seq_len``), for SFT data ``prompt_len`` (int32) and, for packed
+pretraining data since format version 2, ``doc_ids`` (fixed-size list of int32: each position's document within its
+row, 0 for the first, counting up at every boundary), which document-level attention reads. Shards are
 written with parquet page checksums and listed in the manifest with their rows, bytes and sha256, so a reader can
 prove a shard is the one that was written. The manifest is written last: a dataset without one is incomplete and
 is never read.
@@ -23,7 +25,9 @@ from data_pipeline import storage
 from data_pipeline.storage import Location
 from dlmoe.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 datasets (no doc_ids) are still read: their rows count as one document each (whole-row attention).
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 # The held-out set `dlmoe tokenize --validation-fraction` carves: a dataset of its own inside the training one.
 HELDOUT_FOLDER = "validation"
@@ -52,6 +56,7 @@ class Manifest:
     stats: dict[str, int] = field(default_factory=dict)
     settings_fingerprint: str = ""
     format_version: int = FORMAT_VERSION
+    doc_ids: bool = False  # whether the shards record document boundaries (format version 2 and later)
 
     @property
     def rows(self) -> int:
@@ -60,6 +65,16 @@ class Manifest:
     @property
     def tokens(self) -> int:
         return self.rows * self.seq_len
+
+    @property
+    def attention_note(self) -> str:
+        """What ``objective.document_attention`` does with this dataset, for ``dlmoe data info``."""
+        if self.doc_ids:
+            return "document boundaries recorded (doc_ids): objective.document_attention keeps documents apart"
+        if self.kind == "sft":
+            return "one example per row: attention covers the whole row"
+        return (f"no document boundaries recorded (format version {self.format_version}): "
+                f"objective.document_attention attends whole rows (tokenize again with --overwrite to record them)")
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -70,14 +85,16 @@ class Manifest:
     def from_json(cls, text: str, uri: str) -> Manifest:
         try:
             data = json.loads(text)
-            if data.get("format_version") != FORMAT_VERSION:
-                raise DataError(f"{uri}: format_version {data.get('format_version')!r} is not the supported "
-                                f"{FORMAT_VERSION}")
+            version = data.get("format_version")
+            if version not in READABLE_VERSIONS:
+                raise DataError(f"{uri}: format_version {version!r} is not one of the supported "
+                                f"{', '.join(map(str, READABLE_VERSIONS))}")
             shards = [ShardInfo(path=str(s["path"]), rows=int(s["rows"]), bytes=int(s["bytes"]),
                                 sha256=str(s["sha256"])) for s in data["shards"]]
             manifest = cls(kind=str(data["kind"]), seq_len=int(data["seq_len"]), tokenizer=dict(data["tokenizer"]),
                            shards=shards, source=list(data.get("source", [])), stats=dict(data.get("stats", {})),
-                           settings_fingerprint=str(data.get("settings_fingerprint", "")))
+                           settings_fingerprint=str(data.get("settings_fingerprint", "")), format_version=version,
+                           doc_ids=bool(data.get("doc_ids", False)))
         except DataError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -92,23 +109,34 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.parquet"
 
 
-def encode_shard(input_ids: np.ndarray, prompt_len: np.ndarray | None = None) -> bytes:
-    """Parquet bytes of rows ``input_ids`` [N, seq_len] (and ``prompt_len`` [N] for SFT), with page checksums."""
+def _fixed_lists(values: np.ndarray, seq_len: int) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(values, dtype=np.int32).reshape(-1), type=pa.int32())
+    return pa.FixedSizeListArray.from_arrays(flat, seq_len)
+
+
+def encode_shard(input_ids: np.ndarray, prompt_len: np.ndarray | None = None,
+                 doc_ids: np.ndarray | None = None) -> bytes:
+    """Parquet bytes of rows ``input_ids`` [N, seq_len] (and ``prompt_len`` [N] for SFT, ``doc_ids`` [N, seq_len]
+    for packed pretraining rows), with page checksums."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [rows, seq_len], got shape {input_ids.shape}")
     rows, seq_len = input_ids.shape
-    flat = pa.array(np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1), type=pa.int32())
-    columns = {"input_ids": pa.FixedSizeListArray.from_arrays(flat, seq_len)}
+    columns = {"input_ids": _fixed_lists(input_ids, seq_len)}
     if prompt_len is not None:
         columns["prompt_len"] = pa.array(np.asarray(prompt_len, dtype=np.int32), type=pa.int32())
+    if doc_ids is not None:
+        if doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids shape {doc_ids.shape} differs from input_ids shape {input_ids.shape}")
+        columns["doc_ids"] = _fixed_lists(doc_ids, seq_len)
     sink = io.BytesIO()
     pq.write_table(pa.table(columns), sink, compression="zstd", write_page_checksum=True,
                    row_group_size=max(1, min(rows, 8192)))
     return sink.getvalue()
 
 
-def write_shard(folder: Location, name: str, input_ids: np.ndarray, prompt_len: np.ndarray | None = None) -> ShardInfo:
-    data = encode_shard(input_ids, prompt_len)
+def write_shard(folder: Location, name: str, input_ids: np.ndarray, prompt_len: np.ndarray | None = None,
+                doc_ids: np.ndarray | None = None) -> ShardInfo:
+    data = encode_shard(input_ids, prompt_len, doc_ids)
     storage.write_bytes(folder.child(name), data)
     return ShardInfo(path=name, rows=int(input_ids.shape[0]), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
@@ -131,6 +159,9 @@ def decode_shard(data: bytes, info: ShardInfo, manifest: Manifest, uri: str) -> 
                         f"manifest says {info.rows} rows of {expected}")
     if manifest.kind == "sft" and "prompt_len" not in table.column_names:
         raise DataError(f"shard {uri} of an SFT dataset has no prompt_len column")
+    if manifest.doc_ids and ("doc_ids" not in table.column_names
+                             or table.schema.field("doc_ids").type != expected):
+        raise DataError(f"shard {uri} has no doc_ids column of {expected}, which its manifest promises")
     return table
 
 
@@ -140,6 +171,21 @@ def table_arrays(table: pa.Table, seq_len: int) -> tuple[np.ndarray, np.ndarray 
     input_ids = ids.values.to_numpy(zero_copy_only=False).reshape(-1, seq_len)
     prompt_len = table.column("prompt_len").to_numpy() if "prompt_len" in table.column_names else None
     return input_ids, prompt_len
+
+
+def table_doc_ids(table: pa.Table, seq_len: int) -> np.ndarray | None:
+    """``doc_ids`` [N, seq_len] int32 of a decoded shard, or None when it records no document boundaries."""
+    if "doc_ids" not in table.column_names:
+        return None
+    values: np.ndarray = table.column("doc_ids").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return values.reshape(-1, seq_len)
+
+
+def row_doc_ids(doc_stream: np.ndarray, seq_len: int) -> np.ndarray:
+    """Per-row document ids [N, seq_len] from a stream of global document numbers (non-decreasing) cut into rows:
+    each row counts from 0, its first position's document (often one that began in an earlier row)."""
+    rows = np.asarray(doc_stream, dtype=np.int64).reshape(-1, seq_len)
+    return (rows - rows[:, :1]).astype(np.int32)
 
 
 def read_rows(uri: str, *, limit: int | None = None, endpoint_url: str | None = None
@@ -184,6 +230,32 @@ def check_against_job(manifest: Manifest, uri: str, *, seq_len: int | None = Non
                         f"(fingerprint {tokenizer_fingerprint[:12]}…)")
     if kind is not None and manifest.kind != kind:
         raise DataError(f"dataset {uri} is {manifest.kind} data, the job's objective needs {kind} data")
+
+
+def size_problems(manifest: Manifest, uri: str, *, endpoint_url: str | None = None) -> list[str]:
+    """The shards of the dataset at ``uri`` that are missing or whose size is not the manifest's, from one listing
+    of the folder (no shard is read: ``verify`` checks contents). Cheap enough for every launch."""
+    folder = storage.resolve(uri, endpoint_url=endpoint_url)
+    sizes = {loc.path: size for loc, size in storage.list_files(folder, (".parquet",))}
+    problems = []
+    for info in manifest.shards:
+        loc = folder.child(info.path)
+        size = sizes.get(loc.path)
+        if size is None:
+            problems.append(f"shard {loc.uri} is missing")
+        elif size != info.bytes:
+            problems.append(f"shard {loc.uri} has {size} bytes, the manifest says {info.bytes} (truncated or "
+                            f"replaced)")
+    return problems
+
+
+def check_sizes(manifest: Manifest, uri: str, *, endpoint_url: str | None = None) -> None:
+    """``DataError`` naming the shards of ``size_problems``, when there are any."""
+    problems = size_problems(manifest, uri, endpoint_url=endpoint_url)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DataError(f"dataset {uri}: {'; '.join(problems[:3])}{more}; dlmoe data verify {uri} checks every "
+                        f"shard")
 
 
 def verify(uri: str, *, endpoint_url: str | None = None) -> tuple[Manifest, list[str]]:

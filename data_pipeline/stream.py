@@ -38,7 +38,14 @@ import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.ray_jobs import ensure_ray
-from data_pipeline.shards import Manifest, check_against_job, decode_shard, read_manifest, table_arrays
+from data_pipeline.shards import (
+    Manifest,
+    check_against_job,
+    decode_shard,
+    read_manifest,
+    table_arrays,
+    table_doc_ids,
+)
 from dlmoe.errors import DataError
 
 DEFAULT_WINDOW_SHARDS = 4
@@ -91,29 +98,39 @@ def _decode_batch(batch: dict[str, np.ndarray], shards: dict[str, Any], manifest
     """
     manifest = Manifest.from_json(manifest_json, "manifest.json")
     by_path = {info.path: info for info in manifest.shards}
-    ids_out, prompt_out, position_out = [], [], []
+    ids_out, prompt_out, position_out, docs_out = [], [], [], []
     for raw, path in zip(batch["bytes"], batch["path"], strict=True):
         name = str(path).rsplit("/", 1)[-1]
         try:
             table = decode_shard(bytes(raw), by_path[name], manifest, shards[name]["uri"])
         except DataError as exc:
-            return {"input_ids": np.zeros((1, manifest.seq_len), dtype=np.int32),
-                    "prompt_len": np.full(1, -1, dtype=np.int32), "shard": np.full(1, -1, dtype=np.int32),
-                    "error": np.asarray([str(exc)])}
+            failed = {"input_ids": np.zeros((1, manifest.seq_len), dtype=np.int32),
+                      "prompt_len": np.full(1, -1, dtype=np.int32), "shard": np.full(1, -1, dtype=np.int32),
+                      "error": np.asarray([str(exc)])}
+            if manifest.doc_ids:
+                failed["doc_ids"] = failed["input_ids"]
+            return failed
         input_ids, prompt_len = table_arrays(table, manifest.seq_len)
+        doc_ids = table_doc_ids(table, manifest.seq_len)
+        if manifest.doc_ids and doc_ids is not None:
+            docs_out.append(doc_ids)
         ids_out.append(input_ids)
         prompt_out.append(prompt_len if prompt_len is not None else np.full(len(input_ids), -1, dtype=np.int32))
         position_out.append(np.full(len(input_ids), shards[name]["position"], dtype=np.int32))
     rows = sum(len(a) for a in ids_out)
-    return {"input_ids": np.concatenate(ids_out), "prompt_len": np.concatenate(prompt_out),
-            "shard": np.concatenate(position_out), "error": np.full(rows, "")}
+    out = {"input_ids": np.concatenate(ids_out), "prompt_len": np.concatenate(prompt_out),
+           "shard": np.concatenate(position_out), "error": np.full(rows, "")}
+    if docs_out:
+        out["doc_ids"] = np.concatenate(docs_out)
+    return out
 
 
 class TokenStream:
     """Iterate this rank's slice of every global batch of the dataset at ``uri``, from ``(epoch, start_sample)``.
 
     Yields dicts with ``input_ids`` (int64 [G/W, seq_len]), ``sample_index`` (int64 [G/W], within the epoch),
-    ``epoch`` (int) and, for SFT data, ``prompt_len`` (int64 [G/W]). ``seq_len``, ``tokenizer_fingerprint`` and
+    ``epoch`` (int), for SFT data ``prompt_len`` (int64 [G/W]) and, where the shards record document boundaries,
+    ``doc_ids`` (int64 [G/W, seq_len]). ``seq_len``, ``tokenizer_fingerprint`` and
     ``kind`` are checked against the manifest when given. ``max_batches`` bounds the iteration (default: endless).
     A window read is retried while the storage is unavailable, for up to ``outage_s``.
     """
@@ -152,8 +169,9 @@ class TokenStream:
         # Ray must be initialised from this thread: windows are read from a background thread.
         ensure_ray()
 
-    def _read_window(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """All rows of ``window`` in its shuffled order: (input_ids [R, L], prompt_len [R]). A read that fails
+    def _read_window(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """All rows of ``window`` in its shuffled order: (input_ids [R, L], prompt_len [R], doc_ids [R, L] or
+        None). A read that fails
         because the storage is unavailable (an S3 endpoint restarting, a network cut) is done again, whole, for up
         to ``outage_s``: the window's rows and order do not depend on when it is read, so no sample is repeated or
         skipped."""
@@ -174,7 +192,7 @@ class TokenStream:
                 time.sleep(delay)
                 delay = min(2 * delay, 10.0)
 
-    def _read_window_once(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def _read_window_once(self, epoch: int, window: Window) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         import ray.data
 
         folder = storage.resolve(self.uri, endpoint_url=self.endpoint_url)
@@ -196,15 +214,16 @@ class TokenStream:
         for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             if block["error"][0]:
                 raise DataError(str(block["error"][0]))
-            parts.append((int(block["shard"][0]), block["input_ids"], block["prompt_len"]))
+            parts.append((int(block["shard"][0]), block["input_ids"], block["prompt_len"], block.get("doc_ids")))
         parts.sort(key=lambda p: p[0])
         input_ids = np.concatenate([p[1] for p in parts])
         prompt_len = np.concatenate([p[2] for p in parts])
+        doc_ids = np.concatenate([p[3] for p in parts]) if self.manifest.doc_ids else None
         if len(input_ids) != window.rows:
             raise DataError(f"window {window.index} of {self.uri} read {len(input_ids)} rows, the manifest says "
                             f"{window.rows}")
         order = window_permutation(window, self.seed, epoch)
-        return input_ids[order], prompt_len[order]
+        return input_ids[order], prompt_len[order], None if doc_ids is None else doc_ids[order]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch, sample = self.epoch, self.start_sample
@@ -227,9 +246,9 @@ class TokenStream:
         """This rank's batches of ``epoch`` from sample ``start``, reading windows one ahead."""
         usable = self.batches_per_epoch * self.global_batch_size
         first_batch = start // self.global_batch_size
-        pending: dict[int, concurrent.futures.Future[tuple[np.ndarray, np.ndarray]]] = {}
+        pending: dict[int, concurrent.futures.Future[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {}
 
-        def window_rows(index: int) -> tuple[np.ndarray, np.ndarray]:
+        def window_rows(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
             if index not in pending:
                 pending[index] = pool.submit(self._read_window, epoch, windows[index])
             if index + 1 < len(windows) and index + 1 not in pending and windows[index + 1].start < usable:
@@ -243,19 +262,23 @@ class TokenStream:
             lo = max(lo, start)
             if lo >= hi:
                 continue
-            ids, prompts, index = [], [], np.arange(lo, hi, dtype=np.int64)
+            ids, prompts, docs, index = [], [], [], np.arange(lo, hi, dtype=np.int64)
             position = lo
             while position < hi:
                 w = _window_of(windows, position)
-                rows_ids, rows_prompt = window_rows(w.index)
+                rows_ids, rows_prompt, rows_docs = window_rows(w.index)
                 end = min(hi, w.start + w.rows)
                 ids.append(rows_ids[position - w.start:end - w.start])
                 prompts.append(rows_prompt[position - w.start:end - w.start])
+                if rows_docs is not None:
+                    docs.append(rows_docs[position - w.start:end - w.start])
                 position = end
             out: dict[str, Any] = {"input_ids": np.concatenate(ids).astype(np.int64), "sample_index": index,
                                    "epoch": epoch}
             if self.manifest.kind == "sft":
                 out["prompt_len"] = np.concatenate(prompts).astype(np.int64)
+            if docs:
+                out["doc_ids"] = np.concatenate(docs).astype(np.int64)
             yield out
 
 

@@ -5,10 +5,12 @@ becomes shard ``i``. A Ray Data pipeline maps ``map_batches`` over the units (on
 unit spreads over the cluster): read the unit's documents → tokenize them (``encode_batch``) → pack them,
 separated by EOS, into full rows → write the shard. What a unit leaves over (less than one row) comes back to the
 driver with the shard's metadata; the leftovers are packed, in unit order, into a last shard whose final row is
-padded with EOS. So no token is dropped, a document longer than a row is split across rows, and the output is
-byte-identical for the same input whatever the cluster size. With a validation fraction, each document whose
-text hashes below it goes instead to a held-out dataset of the same layout in the ``validation/`` folder (what
-``data.validation=heldout`` evaluates). SFT data makes one row per example instead
+padded with EOS. Every row records its document boundaries (``doc_ids``: a document is its tokens and the EOS
+after them; the EOS padding counts as one more document). So no token is dropped, a document longer than a row
+is split across rows, and the output is byte-identical for the same input whatever the cluster size. With a
+validation fraction, each document whose text hashes below it goes instead to a held-out dataset of the same
+layout in the ``validation/`` folder (what ``data.validation=heldout`` evaluates). SFT data makes one row per
+example instead
 (``prompt_len`` column; response padded with EOS); an example longer than ``seq_len`` cannot be split and is
 skipped, counted in the manifest and reported.
 
@@ -37,11 +39,13 @@ from data_pipeline import storage
 from data_pipeline.jsonl import jsonl_records
 from data_pipeline.ray_jobs import ensure_ray
 from data_pipeline.shards import (
+    FORMAT_VERSION,
     HELDOUT_FOLDER,
     MANIFEST_FILE,
     Manifest,
     ShardInfo,
     read_manifest,
+    row_doc_ids,
     shard_name,
     write_manifest,
     write_shard,
@@ -192,7 +196,7 @@ def _process_unit(batch: dict[str, np.ndarray], spec: dict[str, Any]) -> dict[st
     except DataError as exc:
         return {"unit": np.asarray([index]), "part": np.asarray([""]), "documents": np.asarray([0]),
                 "skipped": np.asarray([0]), "shard": np.asarray(["null"]), "tail": np.asarray([b""], dtype=object),
-                "error": np.asarray([str(exc)])}
+                "tail_docs": np.asarray([b""], dtype=object), "error": np.asarray([str(exc)])}
 
 
 def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -209,17 +213,19 @@ def _pack_unit(index: int, files: list[str], spec: dict[str, Any]) -> dict[str, 
         "documents": np.asarray([len(d) for d in parts.values()]),
         "skipped": np.asarray([p[1] for p in packed]),
         "shard": np.asarray([json.dumps(None if p[0] is None else p[0].__dict__) for p in packed]),
-        "tail": np.asarray([p[2].tobytes() for p in packed], dtype=object), "error": np.asarray([""] * len(parts)),
+        "tail": np.asarray([p[2].tobytes() for p in packed], dtype=object),
+        "tail_docs": np.asarray([p[3].tobytes() for p in packed], dtype=object), "error": np.asarray([""] * len(parts)),
     }
 
 
 def _pack(index: int, documents: list[Any], tokenizer: Tokenizer, folder: storage.Location,
-          spec: dict[str, Any]) -> tuple[ShardInfo | None, int, np.ndarray]:
+          spec: dict[str, Any]) -> tuple[ShardInfo | None, int, np.ndarray, np.ndarray]:
     """Pack one part's documents into shard ``index`` of ``folder``: (its info or None, SFT examples skipped,
-    the tokens left over)."""
+    the tokens left over, their document numbers within the unit)."""
     eos, seq_len = tokenizer.special.eos, spec["seq_len"]
     skipped = 0
     tail = np.zeros(0, dtype=np.int32)
+    tail_docs = np.zeros(0, dtype=np.int64)
     info: ShardInfo | None = None
     if spec["sft"]:
         rows, prompt_lens = [], []
@@ -235,17 +241,19 @@ def _pack(index: int, documents: list[Any], tokenizer: Tokenizer, folder: storag
         if rows:
             info = write_shard(folder, shard_name(index), np.asarray(rows, dtype=np.int32),
                                np.asarray(prompt_lens, dtype=np.int32))
-        return info, skipped, tail
+        return info, skipped, tail, tail_docs
     encoded = tokenizer.encode_batch(documents)
     lengths = np.asarray([len(ids) + 1 for ids in encoded], dtype=np.int64)
     stream = np.full(int(lengths.sum()), eos, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if documents else np.zeros(0, dtype=np.int64)
     for start, ids in zip(offsets.tolist(), encoded, strict=True):
         stream[start:start + len(ids)] = ids
+    docs = np.repeat(np.arange(len(documents), dtype=np.int64), lengths)
     full = stream.size // seq_len
     if full:
-        info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len))
-    return info, skipped, stream[full * seq_len:]
+        info = write_shard(folder, shard_name(index), stream[:full * seq_len].reshape(full, seq_len),
+                           doc_ids=row_doc_ids(docs[:full * seq_len], seq_len))
+    return info, skipped, stream[full * seq_len:], docs[full * seq_len:]
 
 
 def _settings_fingerprint(spec: TokenizeSpec, files: list[tuple[str, int]], tokenizer: Tokenizer) -> str:
@@ -275,9 +283,11 @@ def run_tokenize(spec: TokenizeSpec, *, progress: bool = True) -> Manifest:
     manifest_loc = folder.child(MANIFEST_FILE)
     if storage.exists(manifest_loc):
         existing = read_manifest(spec.output, endpoint_url=spec.endpoint_url)
-        if existing.settings_fingerprint == fingerprint and not spec.overwrite:
+        same = existing.settings_fingerprint == fingerprint
+        if same and existing.format_version == FORMAT_VERSION and not spec.overwrite:
             return existing
-        if not spec.overwrite:
+        # The same settings in an older format are written again (now with document boundaries).
+        if not same and not spec.overwrite:
             raise DataError(f"{spec.output} already holds a different dataset ({existing.rows} rows of "
                             f"{existing.seq_len} tokens from {len(existing.source)} inputs); pass --overwrite "
                             f"to replace it")
@@ -326,7 +336,8 @@ def _assemble(folder: storage.Location, rows: list[dict[str, Any]], *, spec: Tok
     last; None when the part got no document."""
     shards: list[ShardInfo] = []
     documents = skipped = 0
-    tails = []
+    tails, tail_docs = [], []
+    next_doc = 0
     for row in rows:
         documents += int(row["documents"])
         skipped += int(row["skipped"])
@@ -334,13 +345,20 @@ def _assemble(folder: storage.Location, rows: list[dict[str, Any]], *, spec: Tok
         if shard is not None:
             shards.append(ShardInfo(**shard))
         tails.append(np.frombuffer(row["tail"], dtype=np.int32))
+        docs = np.frombuffer(row["tail_docs"], dtype=np.int64)
+        if docs.size:  # renumbered so that no two units' leftover documents share a number
+            tail_docs.append(docs - docs[0] + next_doc)
+            next_doc = int(tail_docs[-1][-1]) + 1
     if documents == 0:
         return None
     leftover = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int32)
     padded = (-leftover.size) % spec.seq_len
     if leftover.size:
         packed = np.concatenate([leftover, np.full(padded, tokenizer.special.eos, dtype=np.int32)])
-        shards.append(write_shard(folder, shard_name(units), packed.reshape(-1, spec.seq_len)))
+        doc_ids = None
+        if not spec.sft:
+            doc_ids = row_doc_ids(np.concatenate([*tail_docs, np.full(padded, next_doc)]), spec.seq_len)
+        shards.append(write_shard(folder, shard_name(units), packed.reshape(-1, spec.seq_len), doc_ids=doc_ids))
     if not shards:
         raise DataError(f"no SFT example of {folder.uri} fits in seq_len {spec.seq_len} ({skipped} skipped)")
     manifest = Manifest(
@@ -351,7 +369,7 @@ def _assemble(folder: storage.Location, rows: list[dict[str, Any]], *, spec: Tok
         shards=shards, source=[uri for uri, _ in files],
         stats={"documents": documents, "input_bytes": sum(n for _, n in files), "eos_padding_tokens": padded,
                "sft_examples_too_long": skipped},
-        settings_fingerprint=fingerprint,
+        settings_fingerprint=fingerprint, doc_ids=not spec.sft,
     )
     write_manifest(folder, manifest)
     return manifest

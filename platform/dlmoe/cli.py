@@ -191,7 +191,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     for task, metrics in document["tasks"].items():
         for metric, value in metrics.items():
-            print(f"{task:<24} {metric:<28} {value:.4f}")
+            print(f"{task:<24} {metric:<28} {value if isinstance(value, int) else f'{value:.4f}'}")
     if "mlflow" in document:
         print(f"logged to MLflow run {run_id} at {tracking_uri} ({document['mlflow']['artifact']})", file=sys.stderr)
     else:
@@ -244,7 +244,8 @@ def _data_info(args: argparse.Namespace) -> int:
     report = {"uri": args.uri, "kind": manifest.kind, "rows": manifest.rows, "tokens": manifest.tokens,
               "seq_len": manifest.seq_len, "shards": len(manifest.shards),
               "bytes": sum(s.bytes for s in manifest.shards), "tokenizer": manifest.tokenizer,
-              "sources": len(manifest.source), "stats": manifest.stats}
+              "sources": len(manifest.source), "stats": manifest.stats, "format_version": manifest.format_version,
+              "doc_ids": manifest.doc_ids, "attention": manifest.attention_note}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -253,7 +254,8 @@ def _data_info(args: argparse.Namespace) -> int:
               f"tokens in {len(manifest.shards)} shards ({report['bytes'] / 2**20:.1f} MiB)\n"
               f"tokenizer {tok.get('name')} (fingerprint {str(tok.get('fingerprint'))[:12]}, vocab "
               f"{tok.get('vocab_size')}, eos {tok.get('eos_id')}, pad {tok.get('pad_id')}, mask {tok.get('mask_id')})"
-              f"\nfrom {len(manifest.source)} input files; {json.dumps(manifest.stats)}")
+              f"\nfrom {len(manifest.source)} input files; {json.dumps(manifest.stats)}\n"
+              f"format version {manifest.format_version}: {manifest.attention_note}")
     return 0
 
 

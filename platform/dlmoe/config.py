@@ -91,19 +91,54 @@ class BalanceConfig:
 
 
 @dataclass
+class BlockScheduleConfig:
+    """LLaDA 2.0's block-level WSD schedule (``dlmoe.diffusion.blocks``): over the first ``warmup_steps`` the block
+    size doubles from ``start_block_size`` towards ``data.seq_len``; then full-sequence diffusion; over the last
+    ``decay_steps`` it halves from ``data.seq_len`` down to ``final_block_size``."""
+
+    enabled: bool = False
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    start_block_size: int = 1
+    final_block_size: int = 32
+
+    def validate(self, rules: Rules) -> None:
+        for key in ("warmup_steps", "decay_steps"):
+            rules.non_negative(f"objective.block_schedule.{key}", getattr(self, key))
+        for key in ("start_block_size", "final_block_size"):
+            rules.positive(f"objective.block_schedule.{key}", getattr(self, key))
+
+
+@dataclass
 class ObjectiveConfig:
-    """Masked-diffusion objective (reference §4)."""
+    """Masked-diffusion objective (reference §4) and the LLaDA 2.0 options: the noise range ``t_min``/``t_max``,
+    ``document_attention`` (packed documents kept apart), block diffusion with ``block_size`` tokens per block
+    (0: full sequence) or the ``block_schedule``."""
 
     kind: str = "pretrain"
     eps: float = 1e-3
     variable_length_prob: float = 0.01
     stratified_t: bool = False
+    t_min: float = 0.0
+    t_max: float = 1.0
+    document_attention: bool = False
+    block_size: int = 0
+    block_schedule: BlockScheduleConfig = field(default_factory=BlockScheduleConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def validate(self, rules: Rules) -> None:
         rules.choice("objective.kind", self.kind, ("pretrain", "sft"))
         rules.within("objective.eps", self.eps, 0.0, 1.0, high_open=True)
         rules.within("objective.variable_length_prob", self.variable_length_prob, 0.0, 1.0)
+        rules.within("objective.t_min", self.t_min, 0.0, 1.0, high_open=True)
+        rules.within("objective.t_max", self.t_max, 0.0, 1.0)
+        if self.t_max <= self.t_min:
+            rules.fail("objective.t_max", f"must exceed objective.t_min ({self.t_min}), got {self.t_max}")
+        rules.non_negative("objective.block_size", self.block_size, "0: full-sequence diffusion")
+        if self.block_schedule.enabled and self.block_size:
+            rules.fail("objective.block_size", "the block schedule sets the block size of every step: leave it at 0, "
+                                               "or set objective.block_schedule.enabled=false")
+        self.block_schedule.validate(rules)
         self.balance.validate(rules)
 
 
@@ -346,6 +381,13 @@ class JobConfig:
             rules.fail("checkpoint.score_attribute", f"keeping checkpoints by val_loss needs a validation loss at "
                                                      f"every checkpoint: checkpoint.every_steps ({c.every_steps}) "
                                                      f"must be a multiple of train.eval_every ({t.eval_every})")
+        bs = o.block_schedule
+        if bs.enabled and bs.warmup_steps + bs.decay_steps > t.steps:
+            rules.fail("objective.block_schedule.decay_steps", f"warmup_steps {bs.warmup_steps} + decay_steps "
+                                                               f"{bs.decay_steps} exceed train.steps {t.steps}")
+        if bs.enabled and bs.final_block_size >= d.seq_len:
+            rules.fail("objective.block_schedule.final_block_size", f"{bs.final_block_size} must be below "
+                                                                    f"data.seq_len {d.seq_len}")
         if d.seq_len > m.max_position_embeddings:
             rules.fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings "
                                        f"{m.max_position_embeddings}")

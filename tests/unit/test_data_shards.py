@@ -89,7 +89,7 @@ def test_manifest_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is not a valid manifest: KeyError"):
         read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text('{"format_version": 7}')
-    with pytest.raises(DataError, match="format_version 7 is not the supported 1"):
+    with pytest.raises(DataError, match="format_version 7 is not one of the supported 1, 2"):
         read_manifest(str(tmp_path))
 
 

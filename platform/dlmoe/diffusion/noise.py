@@ -57,14 +57,19 @@ class Noise:
 
 
 def draw_noise(sample_index: torch.Tensor, seq_len: int, *, seed: int, epoch: int, eps: float = 1e-3,
-               stratify_batch_size: int | None = None) -> Noise:
+               stratify_batch_size: int | None = None, t_range: tuple[float, float] = (0.0, 1.0)) -> Noise:
     """Noise for the samples with the given global indices [B] (reference §4, pretraining).
 
     With ``stratify_batch_size`` N, t is stratified across each global batch of N consecutive indices (MDLM):
     ``t_j = (u + j / N) mod 1`` with one u per global batch, j the position of the sample in its global batch.
+    A ``t_range`` (t_min, t_max) other than (0, 1) maps t linearly onto it (LLaDA 2.0 / dFactory's noise range,
+    e.g. (0.3, 0.8)), before ``p_mask = (1 - eps) t + eps``.
     """
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must lie in [0, 1), got {eps}")
+    t_min, t_max = t_range
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise ValueError(f"the noise range must satisfy 0 <= t_min < t_max <= 1, got {t_range}")
     indices = [int(i) for i in sample_index.reshape(-1).tolist()]
     t_values: list[float] = []
     uniforms: list[torch.Tensor] = []
@@ -79,6 +84,8 @@ def draw_noise(sample_index: torch.Tensor, seq_len: int, *, seed: int, epoch: in
             offset = float(torch.rand((), generator=_generator(_STREAM_STRATIFY, seed, epoch, step),
                                       dtype=torch.float64))
             t = (offset + position / stratify_batch_size) % 1.0
+        if (t_min, t_max) != (0.0, 1.0):
+            t = t_min + (t_max - t_min) * t
         t_values.append(t)
     t_B = torch.tensor(t_values, dtype=torch.float64)
     p_mask_B = (1.0 - eps) * t_B + eps

@@ -5,10 +5,18 @@ Pretraining: mask each token of x0 with probability ``p_mask``; loss = sum over 
 masked response positions of ``CE / p_mask`` is divided by the response length (EOS padding included), then
 averaged over the batch. No timestep is fed to the network. Load-balance and router z-losses are added with
 their coefficients.
+
+The LLaDA 2.0 recipes (arXiv 2512.15745; blocks.py) are options, all off by default: ``document_attention`` keeps
+the documents of a packed row apart; ``block_size`` > 0 trains block diffusion — the model sees ``[x_t ‖ x0]`` and
+the loss is taken on the noised half's logits. Its loss is the paper's block-diffusion ELBO, the sum over all blocks
+and positions of the masked tokens' ``CE / p_mask`` (α'_t / (1 - α_t) = 1 / t for the linear schedule), normalised
+exactly as above (by B · L, or per response length for SFT): every position belongs to exactly one block, so it is
+the same per-token estimate, only conditioned on clean prefix blocks. ``t_min``/``t_max`` restrict the noise level.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dlmoe.diffusion.blocks import block_diffusion_pattern, document_pattern, document_positions
 from dlmoe.diffusion.noise import Noise, cut_length, draw_noise
 from dlmoe.model.balance import load_balance_loss, router_z_loss
 from dlmoe.model.moe import RouterStats
+from dlmoe.model.transformer import ModelOutput
 
 
 def _masked_ce_over_p(logits_BLV: torch.Tensor, x0_BL: torch.Tensor, masked_BL: torch.Tensor,
@@ -66,6 +76,10 @@ class ObjectiveSettings:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     global_balance_counts: bool = True
+    t_min: float = 0.0
+    t_max: float = 1.0
+    document_attention: bool = False
+    block_size: int = 0  # 0: full-sequence diffusion
 
 
 @dataclass
@@ -91,11 +105,43 @@ class MaskedDiffusionObjective:
             raise ValueError(f"global_batch_size must be positive, got {settings.global_batch_size}")
         self.settings = settings
         self.group = group
+        # The block size of the current step: the block schedule changes it between steps.
+        self.block_size = settings.block_size
+        self._warned_no_documents = False
 
     def noise(self, sample_index_B: torch.Tensor, seq_len: int, epoch: int) -> Noise:
         s = self.settings
         return draw_noise(sample_index_B, seq_len, seed=s.seed, epoch=epoch, eps=s.eps,
-                          stratify_batch_size=s.global_batch_size if s.stratified_t else None)
+                          stratify_batch_size=s.global_batch_size if s.stratified_t else None,
+                          t_range=(s.t_min, s.t_max))
+
+    def forward_model(self, model: nn.Module, x_t: torch.Tensor, x0: torch.Tensor,
+                      doc_ids_BL: torch.Tensor | None) -> ModelOutput:
+        """The model's logits [B, L, V] for ``x_t`` under the objective's attention (whole rows by default)."""
+        if self.settings.document_attention and doc_ids_BL is None and not self._warned_no_documents:
+            warnings.warn("objective.document_attention is set but the data records no document boundaries (a "
+                          "dataset of format version 1): attending whole rows", stacklevel=3)
+            self._warned_no_documents = True
+        docs = doc_ids_BL if self.settings.document_attention else None
+        seq_len = x_t.shape[1]
+        block = self.block_size if 0 < self.block_size < seq_len else 0  # one block is plain masked diffusion
+        if docs is None and not block:
+            out: ModelOutput = model(x_t)
+            return out
+        pattern = positions = None
+        if docs is not None:
+            pattern, positions = document_pattern(docs), document_positions(docs)
+        if not block:
+            out = model(x_t, attention_pattern=pattern, position_ids=positions)
+            return out
+        both = block_diffusion_pattern(seq_len, block, x_t.device)
+        if docs is not None and positions is not None:
+            both = both & document_pattern(torch.cat([docs, docs], dim=1))
+            positions = torch.cat([positions, positions], dim=1)
+        else:
+            positions = torch.arange(seq_len, device=x_t.device).repeat(2)[None]
+        out = model(torch.cat([x_t, x0], dim=1), attention_pattern=both, position_ids=positions)
+        return ModelOutput(logits=out.logits[:, :seq_len], router_stats=out.router_stats)
 
     def step_length(self, sample_index_B: torch.Tensor, seq_len: int, epoch: int) -> int:
         """The (possibly cut) sequence length of the global batch these samples belong to."""
@@ -104,7 +150,7 @@ class MaskedDiffusionObjective:
         return cut_length(seq_len, seed=s.seed, epoch=epoch, step=step, probability=s.variable_length_prob)
 
     def __call__(self, model: nn.Module, input_ids_BL: torch.Tensor, sample_index_B: torch.Tensor, epoch: int,
-                 prompt_len_B: torch.Tensor | None = None) -> ObjectiveOutput:
+                 prompt_len_B: torch.Tensor | None = None, doc_ids_BL: torch.Tensor | None = None) -> ObjectiveOutput:
         s = self.settings
         if s.sft and prompt_len_B is None:
             raise ValueError("the SFT objective needs prompt_len for every sample")
@@ -118,7 +164,8 @@ class MaskedDiffusionObjective:
             masked &= response_mask(prompt_len_B.to(x0.device), seq_len)
         x_t = torch.where(masked, torch.full_like(x0, s.mask_token_id), x0)
 
-        out = model(x_t)
+        docs = None if doc_ids_BL is None else doc_ids_BL[:, :seq_len].to(x0.device)
+        out = self.forward_model(model, x_t, x0, docs)
         p_mask = noise.p_mask_B.to(x0.device)
         if s.sft:
             assert prompt_len_B is not None

@@ -113,17 +113,32 @@ class DiffusionMoE(nn.Module):
             raise ModelInputError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids "
                                   f"shape {tuple(input_ids.shape)}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ModelOutput:
-        """``input_ids`` [B, L]; ``attention_mask`` [B, L] (1 = token, 0 = padding) hides padding keys only."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                attention_pattern: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> ModelOutput:
+        """``input_ids`` [B, L]; ``attention_mask`` [B, L] (1 = token, 0 = padding) hides padding keys only.
+
+        Training objectives that restrict attention further (document-level attention, block diffusion) pass
+        ``attention_pattern``, a boolean [B or 1, 1, L, L] (True: the query may attend the key), and may give each
+        token its RoPE position in ``position_ids`` [B or 1, L] (default: 0..L-1).
+        """
         self._check_inputs(input_ids, attention_mask)
+        seq = input_ids.shape[1]
+        if attention_pattern is not None and attention_pattern.shape[-2:] != (seq, seq):
+            raise ModelInputError(f"attention_pattern shape {tuple(attention_pattern.shape)} does not end in "
+                                  f"({seq}, {seq})")
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.rotary_dim, self.config.rope_theta,
-                                  x.device, x.dtype)
+        table = seq if position_ids is None else int(position_ids.max()) + 1
+        cos, sin = rotary_cos_sin(table, self.config.rotary_dim, self.config.rope_theta, x.device, x.dtype)
+        if position_ids is not None:  # [B or 1, 1, L, rot_dim]: broadcast over the heads
+            cos, sin = cos[position_ids][:, None], sin[position_ids][:, None]
         attn_mask = valid_T = None
         if attention_mask is not None:
             keep = attention_mask.bool()
             attn_mask = keep[:, None, None, :]
             valid_T = keep.reshape(-1)
+        if attention_pattern is not None:
+            attn_mask = attention_pattern if attn_mask is None else attention_pattern & attn_mask
         stats: list[RouterStats] = []
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:

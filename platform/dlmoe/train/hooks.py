@@ -119,6 +119,11 @@ class MetricsLog(Hook):
         self.steps, self.log_every = job.train.steps, job.train.log_every
         self.load_every = job.monitor.expert_load_every
         self.monitor = ExpertLoadMonitor(job.monitor.dead_fraction, tracker)
+        self.block_diffusion = job.objective.block_schedule.enabled or job.objective.block_size > 0
+
+    def block_metrics(self, done: StepOutcome) -> dict[str, float]:
+        """The step's block size under block diffusion (0: full sequence), so the schedule shows in MLflow."""
+        return {"block_size": done.block_size} if self.block_diffusion else {}
 
     def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
         if done.counts_RLE is not None:
@@ -127,7 +132,7 @@ class MetricsLog(Hook):
             grad_norm = self.engine.get_global_grad_norm()
             self.tracker.log_metrics({"loss": done.loss, "lr": float(self.engine.get_lr()[0]),
                                       "tokens_per_s": done.tokens_per_s, "balance_loss": done.balance_loss,
-                                      "z_loss": done.z_loss,
+                                      "z_loss": done.z_loss, **self.block_metrics(done),
                                       **({"grad_norm": float(grad_norm)} if grad_norm is not None else {}),
                                       **self.monitor.take_scalars()}, done.step)
         if _due(done.step, self.load_every, self.steps):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from data_pipeline.tokenizers import Tokenizer, byte_tokenizer, load_tokenizer
 from dlmoe.config import JobConfig
 from dlmoe.diffusion import MaskedDiffusionObjective, ObjectiveSettings
+from dlmoe.diffusion.blocks import BlockSchedule
 from dlmoe.model import ModelConfig
 from dlmoe.model.balance import AuxFreeBalancer
 from dlmoe.monitor.metrics import bucket_counts
@@ -41,18 +42,29 @@ def objective_settings(job: JobConfig) -> ObjectiveSettings:
         variable_length_prob=job.objective.variable_length_prob, stratified_t=job.objective.stratified_t,
         aux_loss_coef=balance.aux_loss_coef if balance.mode == "aux_loss" else 0.0,
         z_loss_coef=balance.z_loss_coef if balance.mode != "none" else 0.0,
-        global_balance_counts=balance.global_counts)
+        global_balance_counts=balance.global_counts, t_min=job.objective.t_min, t_max=job.objective.t_max,
+        document_attention=job.objective.document_attention, block_size=job.objective.block_size)
+
+
+def block_schedule(job: JobConfig) -> BlockSchedule | None:
+    """The job's block-level WSD schedule (``objective.block_schedule``), or None when it is off."""
+    bs = job.objective.block_schedule
+    if not bs.enabled:
+        return None
+    return BlockSchedule(total_steps=job.train.steps, warmup_steps=bs.warmup_steps, decay_steps=bs.decay_steps,
+                         start_block_size=bs.start_block_size, final_block_size=bs.final_block_size)
 
 
 def micro_batches(batch: dict[str, Any], micro: int, device: torch.device | str
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     """A batch from ``TokenStream`` in micro-batches of ``micro`` rows: token ids (on ``device``), global sample
-    indices and, for SFT data, prompt lengths."""
-    prompt_len = batch.get("prompt_len")
+    indices, for SFT data prompt lengths and, where the data records them, document ids."""
+    prompt_len, doc_ids = batch.get("prompt_len"), batch.get("doc_ids")
     for lo in range(0, len(batch["input_ids"]), micro):
         part = slice(lo, lo + micro)
         yield (torch.from_numpy(batch["input_ids"][part]).to(device), torch.from_numpy(batch["sample_index"][part]),
-               None if prompt_len is None else torch.from_numpy(prompt_len[part]))
+               None if prompt_len is None else torch.from_numpy(prompt_len[part]),
+               None if doc_ids is None else torch.from_numpy(doc_ids[part]))
 
 
 def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int, accumulation_steps: int,
@@ -65,8 +77,8 @@ def train_step(engine: Any, objective: Any, batch: dict[str, Any], micro: int, a
     losses = torch.zeros(3, dtype=torch.float64, device=device)
     counts_RLE: torch.Tensor | None = None
     tokens = 0
-    for input_ids, sample_index, prompt_len in micro_batches(batch, micro, device):
-        out = objective(engine, input_ids, sample_index, batch["epoch"], prompt_len_B=prompt_len)
+    for input_ids, sample_index, prompt_len, doc_ids in micro_batches(batch, micro, device):
+        out = objective(engine, input_ids, sample_index, batch["epoch"], prompt_len_B=prompt_len, doc_ids_BL=doc_ids)
         engine.backward(out.loss)
         engine.step()
         losses += torch.stack([out.loss.detach(), out.balance_loss, out.z_loss]).to(torch.float64) / accumulation_steps
@@ -91,6 +103,7 @@ class StepOutcome:
     tokens_per_s: float  # all ranks, since this launch started
     epoch: int  # of the step's batch
     next_sample: int  # the first global sample of the next batch in ``epoch``
+    block_size: int = 0  # block diffusion's block size in this step (0: full-sequence diffusion)
 
 
 class Throughput:
@@ -126,12 +139,15 @@ class StepRunner:
                  throughput: Throughput) -> None:
         self.job, self.engine, self.world, self.watch, self.throughput = job, engine, world, watch, throughput
         self.objective = MaskedDiffusionObjective(objective_settings(job))
+        self.schedule = block_schedule(job)
         balance = job.objective.balance
         self.balancer = AuxFreeBalancer(model, balance.bias_update_rate) if balance.mode == "aux_free" else None
 
     def run(self, batch: dict[str, Any], step: int) -> StepOutcome:
         """Train on ``batch`` as step ``step`` (1-based)."""
         job = self.job
+        if self.schedule is not None:  # a pure function of the step, like the learning rate: resumes exactly
+            self.objective.block_size = self.schedule.block_size_at(step - 1, job.data.seq_len)
         losses, counts_RLE, seen = train_step(self.engine, self.objective, batch, job.micro_batch_per_worker,
                                               job.accumulation_steps, job.monitor.mask_buckets)
         # loss, balance loss, z-loss (averaged over micro-batches), then the preemption flags (summed over ranks)
@@ -147,4 +163,5 @@ class StepRunner:
         return StepOutcome(step=step, loss=float(parts[0]), balance_loss=float(parts[1]), z_loss=float(parts[2]),
                            counts_RLE=counts_RLE, event=self.watch.event(parts[3:]),
                            tokens_per_s=self.throughput.add(step, seen), epoch=int(batch["epoch"]),
-                           next_sample=(int(batch["sample_index"][0]) // gbs + 1) * gbs)
+                           next_sample=(int(batch["sample_index"][0]) // gbs + 1) * gbs,
+                           block_size=self.objective.block_size)

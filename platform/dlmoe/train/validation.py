@@ -43,8 +43,9 @@ class Validation:
         engine.eval()
         try:
             for batch in self.batches:
-                for rows, sample_index, prompt_len in micro_batches(batch, self.micro, device):
-                    out = self.objective(engine, rows, sample_index, batch["epoch"], prompt_len_B=prompt_len)
+                for rows, sample_index, prompt_len, doc_ids in micro_batches(batch, self.micro, device):
+                    out = self.objective(engine, rows, sample_index, batch["epoch"], prompt_len_B=prompt_len,
+                                         doc_ids_BL=doc_ids)
                     total += torch.stack([out.diffusion_loss.double() * len(rows),
                                           torch.tensor(float(len(rows)), dtype=torch.float64, device=device)])
         finally:
