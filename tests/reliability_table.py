@@ -81,13 +81,16 @@ _GROUPS = {
                "exit 2, `dlmoe: error:` naming the key and where it came from, before anything starts"),
     "job-yaml": ("a job YAML is missing, unparsable, a list, or has an unknown section or a wrong type",
                  "exit 2 naming the file (and the key)"),
-    "data": ("input data is missing, empty or corrupt, or made with another tokenizer",
-             "exit 2 naming the folder, file or dataset (`data verify`: exit 1 naming each bad shard)"),
+    "data": ("input data is missing, empty or corrupt, or made with another tokenizer; a training shard is "
+             "truncated (refused at launch, by its size) or corrupt (met by a worker)",
+             "exit 2 naming the folder, file, shard or dataset; a corrupt shard is not retried and its MLflow run "
+             "ends FAILED saying why (`data verify`, `data info`: exit 1 naming each bad shard)"),
     "sampler": ("`generate` / `eval` get impossible settings or a folder that is no model",
                 "exit 2 naming the setting or folder, checked before the model loads; a checkpoint folder is told "
                 "to `dlmoe export` first"),
-    "dashboard": ("`dashboard` gets a bad port, a port in use, a bad tracking URI or threshold",
-                  "exit 2 naming the flag or the address"),
+    "dashboard": ("`dashboard` gets a bad port, a port in use, a bad tracking URI or threshold, or a store that "
+                  "does not exist",
+                  "exit 2 naming the flag, the address or the store; no store is created"),
     "export": ("`export` gets a source that is no run or checkpoint, or a bad `--register` tracking URI",
                "exit 2 naming the source or URI; nothing is written"),
 }
@@ -101,9 +104,14 @@ def bad_input_rows() -> tuple[Row, ...]:
         if group in RAY_GROUPS:
             tests.append(f"{RAY_BAD}::test_bad_data_exits_naming_the_file_or_dataset")
             cases += list(RAY_GROUPS[group])
+        if group == "data":
+            tests += [f"{RAY_BAD}::test_the_mlflow_run_of_a_run_stopped_by_a_corrupt_shard_ends_failed_saying_why",
+                      "tests/unit/test_failure_policy.py::"
+                      "test_a_users_mistake_in_a_worker_is_raised_at_once_and_a_crash_is_retried"]
         rows.append(Row(when, outcome, tuple(tests), tuple(cases)))
     rows.append(Row("a first-hour mistake of issue 22 (`bogus://` tracking URIs, `train.steps` without `=`, "
-                    "`--port 99999`), as the real command", "one `dlmoe: error:` line, exit 2, no traceback",
+                    "`--port 99999`, a mistyped dashboard store), as the real command",
+                    "one `dlmoe: error:` line, exit 2, no traceback",
                     (f"{UNIT_BAD}::test_a_first_hour_mistake_is_one_error_line_from_the_real_command",), tuple(ALONE)))
     rows.append(Row("a DiffusionTrainingJob field is invalid (each field: wrong type, below its minimum, outside "
                     "its enum, empty, missing)",

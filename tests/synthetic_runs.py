@@ -50,3 +50,11 @@ def imbalanced_counts(bins: int = 2, layers: int = 3, experts: int = 8) -> torch
     counts[..., 0] = 600.0
     counts[:, 1, 7] = 0.0
     return counts
+
+
+def one_layer_counts(bins: int = 2, layers: int = 3, experts: int = 8) -> torch.Tensor:
+    """Expert 0 takes 4 times the others' share in layer 0 only: that layer's max/mean is 32/11 (2.91), the mean over
+    the layers (32/11 + 1 + 1) / 3 = 1.64."""
+    counts = balanced_counts(bins, layers, experts)
+    counts[:, 0, 0] = 400.0
+    return counts

@@ -131,8 +131,17 @@ class CheckpointState:
             raise CheckpointError(f"{where} does not describe the checkpoint's model: {exc}") from exc
 
     def changes(self, job: JobConfig) -> list[str]:
-        """The checkpoint-bound settings of ``job`` that differ from those this state was made with."""
-        return sorted(k for k, v in checkpoint_shape(job).items() if self.shape.get(k) != v)
+        """The checkpoint-bound settings of ``job`` that differ from those this state was made with, as
+        ``key: checkpoint OLD, job NEW``; the model field by field (``model.hidden_size: checkpoint 16, job 32``)."""
+        changed = []
+        for key, new in checkpoint_shape(job).items():
+            old = self.shape.get(key)
+            if isinstance(new, dict) and isinstance(old, dict):
+                changed += [f"{key}.{field}: checkpoint {old.get(field)!r}, job {new.get(field)!r}"
+                            for field in sorted(old.keys() | new.keys()) if old.get(field) != new.get(field)]
+            elif old != new:
+                changed.append(f"{key}: checkpoint {old!r}, job {new!r}")
+        return sorted(changed)
 
 
 @dataclass(frozen=True)
@@ -253,7 +262,7 @@ def check_resumable(job: JobConfig, state: CheckpointState, where: str) -> None:
     changed = state.changes(job)
     if changed:
         raise ConfigError(f"run '{job.run_name}' cannot resume: its checkpoint (step {state.step}) was made with "
-                          f"other {', '.join(changed)}; keep them or use a new run_name", key="run_name",
+                          f"other settings ({'; '.join(changed)}); keep them or use a new run_name", key="run_name",
                           source=where)
 
 

@@ -67,7 +67,7 @@ def _train(args: argparse.Namespace) -> int:
         _check_tracking_uri(tracking_uri(job), "tracking.uri" if job.tracking.uri else "MLFLOW_TRACKING_URI")
     print(f"# resolved job configuration ({args.job or 'embedded default jobs/debug.yaml'})")
     print(job.to_yaml())
-    result = run_training(job, progress=not args.no_progress)
+    result = run_training(job, progress=not args.no_progress, verbose=args.verbose)
     if args.summary_json:
         Path(args.summary_json).write_text(result.to_json())
     losses = result.losses
@@ -238,14 +238,15 @@ def _data_verify(args: argparse.Namespace) -> int:
 
 
 def _data_info(args: argparse.Namespace) -> int:
-    from data_pipeline.shards import read_manifest
+    from data_pipeline.shards import read_manifest, size_problems
 
     manifest = read_manifest(args.uri, endpoint_url=args.endpoint_url)
+    problems = size_problems(manifest, args.uri, endpoint_url=args.endpoint_url)  # one listing, no shard read
     report = {"uri": args.uri, "kind": manifest.kind, "rows": manifest.rows, "tokens": manifest.tokens,
               "seq_len": manifest.seq_len, "shards": len(manifest.shards),
               "bytes": sum(s.bytes for s in manifest.shards), "tokenizer": manifest.tokenizer,
               "sources": len(manifest.source), "stats": manifest.stats, "format_version": manifest.format_version,
-              "doc_ids": manifest.doc_ids, "attention": manifest.attention_note}
+              "doc_ids": manifest.doc_ids, "attention": manifest.attention_note, "size_problems": problems}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -255,8 +256,13 @@ def _data_info(args: argparse.Namespace) -> int:
               f"tokenizer {tok.get('name')} (fingerprint {str(tok.get('fingerprint'))[:12]}, vocab "
               f"{tok.get('vocab_size')}, eos {tok.get('eos_id')}, pad {tok.get('pad_id')}, mask {tok.get('mask_id')})"
               f"\nfrom {len(manifest.source)} input files; {json.dumps(manifest.stats)}\n"
-              f"format version {manifest.format_version}: {manifest.attention_note}")
-    return 0
+              f"format version {manifest.format_version}: {manifest.attention_note}\n"
+              f"shards: {f'{len(problems)} of {len(manifest.shards)}' if problems else 'all'} sizes "
+              f"{'differ from' if problems else 'match'} the manifest; contents not read (dlmoe data verify "
+              f"{args.uri} reads them)")
+    for problem in problems:
+        print(f"BAD {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -282,7 +288,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    import os
+
     from dlmoe.monitor.dashboard import serve
+    from dlmoe.monitor.store import require_existing
 
     if args.imbalance_threshold <= 1.0:
         raise DlmoeError(f"--imbalance-threshold is a max/mean token share and must exceed 1 (1 is perfect "
@@ -292,6 +301,8 @@ def _dashboard(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise DlmoeError(f"--port must lie in 0-65535 (0 picks a free one), got {args.port}")
     uri = _flag_tracking_uri(args.tracking_uri)
+    require_existing(uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
+                     if os.environ.get("MLFLOW_TRACKING_URI") else "the default store in the working directory")
     try:
         serve(uri, args.host, args.port, args.imbalance_threshold, args.refresh_seconds)
     except OSError as exc:
@@ -315,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("job", nargs="?", default=None, help="job YAML (default: the embedded jobs/debug.yaml)")
     train.add_argument("overrides", nargs="*", help="config overrides as key=value, e.g. train.steps=50")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument("--verbose", action="store_true",
+                       help="show what Ray, Ray Train, DeepSpeed and MLflow print (kept in Ray's logs otherwise)")
     train.add_argument("--summary-json", default=None, metavar="PATH",
                        help="write {run_name, final_step, losses, params_sha256, restarts, checkpoints} here")
     train.set_defaults(func=_train)

@@ -26,6 +26,8 @@ from typing import Any
 from dlmoe.config import JobConfig
 
 RUN_NAME_TAG = "dlmoe.run_name"
+ERROR_TAG = "dlmoe.error"  # why the run failed (fail_run)
+MAX_TAG_CHARS = 5000  # within every MLflow store's limit on a tag value
 
 
 class Tracker:
@@ -222,6 +224,17 @@ def register_model_version(uri: str, name: str, source: str, tags: dict[str, str
             raise
     version = client.create_model_version(name, source, run_id=run_id, tags=tags)
     return str(version.version)
+
+
+def fail_run(job: JobConfig, run_id: str, message: str) -> None:
+    """Mark the MLflow run ``run_id`` FAILED, with ``message`` in its ``ERROR_TAG`` tag and its note (the description
+    the MLflow UI shows): the driver's word on a run whose workers failed for good."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(job))
+    client.set_tag(run_id, ERROR_TAG, message[:MAX_TAG_CHARS])
+    client.set_tag(run_id, "mlflow.note.content", message[:MAX_TAG_CHARS])
+    client.set_terminated(run_id, status="FAILED")
 
 
 def make_tracker(job: JobConfig, rank: int, run_id: str | None) -> Tracker:

@@ -1,12 +1,14 @@
 """The whole monitoring path: `dlmoe train` logs a real run of the `debug` flavor into a real MLflow server,
 `dlmoe dashboard` serves it, and headless Chromium (Debian's, driven by playwright) looks at it — the heatmap's
-layers × experts cells, the slider over the logged steps, the mask-ratio view, and a deliberately imbalanced
-synthetic run flagged in the runs list. Screenshots are saved in the test's output folder for a person to look at.
+layers × experts cells (axes titled, each cell named on hover, the colour legend scaled to the data), the slider
+over the logged steps, the mask-ratio view, and a deliberately imbalanced synthetic run flagged in the runs list.
+Screenshots are saved in the test's output folder for a person to look at.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,27 +99,33 @@ def test_dashboard_in_headless_chromium(dashboard_url: str, browser: object, tmp
     experts = get_flavor("debug").num_experts
     expect(heatmap.locator("[data-layer][data-expert]")).to_have_count(moe_layers * experts)
     cell = heatmap.locator('[data-layer="0"][data-expert="0"]')
-    expect(cell).to_have_css("background-color", _not_default())
+    expect(cell).to_have_css("fill", _not_default())
+    expect(heatmap.locator("text.axis-title")).to_have_text(["expert", "layer"])
+    _expect_legend_scaled_to_the_data(heatmap, experts)
+    expect(page.get_by_test_id("imbalance-chart-reference")).to_have_text("imbalance threshold 2")
     expect(page.get_by_test_id("step-label")).to_have_text(str(STEPS))
     expect(page.get_by_test_id("mask-ratio-heatmap")).to_have_count(BINS)
     expect(page.get_by_test_id("loss-chart")).to_be_visible()
     expect(page.get_by_test_id("imbalance-chart").locator("polyline")).to_have_count(moe_layers)
     page.screenshot(path=tmp_path / "run-newest-step.png", full_page=True)
 
-    newest_title = cell.get_attribute("title")
+    newest_title = cell.locator("title").text_content()
+    assert newest_title is not None and newest_title.startswith("layer 0, expert 0: ")
     slider = page.get_by_test_id("step-slider")
     slider.focus()
     page.keyboard.press("Home")  # the first logged step; the page fetches it and repaints
     expect(page.get_by_test_id("step-label")).to_have_text(str(EVERY))
     expect(page.locator("#window-label")).to_have_text(f"window: steps 1–{EVERY}")
     assert page.url.endswith(f"?step={EVERY}")
-    assert cell.get_attribute("title") != newest_title
+    assert cell.locator("title").text_content() != newest_title
+    _expect_legend_scaled_to_the_data(heatmap, experts)  # scaled again to the step shown
     page.screenshot(path=tmp_path / "run-first-step.png", full_page=True)
 
     page.goto(dashboard_url)
     page.get_by_role("link", name="imbalanced-synthetic", exact=True).click()
     expect(page.get_by_test_id("dead-experts")).to_contain_text("layer 1: expert 7")
     expect(page.get_by_test_id("balance-flag")).to_have_attribute("data-state", "imbalanced")
+    expect(page.get_by_test_id("balance-flag")).to_contain_text("worst layer L")
     page.screenshot(path=tmp_path / "imbalanced.png", full_page=True)
 
     page.goto(f"{dashboard_url}/runs/{'0' * 32}")
@@ -141,7 +149,18 @@ def test_a_live_runs_page_refreshes_itself_when_a_step_is_logged(dashboard_url: 
     expect(page.get_by_test_id("dead-experts")).to_contain_text("layer 1: expert 7")
 
 
-def _not_default() -> object:
-    import re
+def _expect_legend_scaled_to_the_data(heatmap: object, experts: int) -> None:
+    """The legend's ends are the data's widest departure from the fair share (pages.colour_span), not a fixed 4x."""
+    from playwright.sync_api import Locator, expect
 
+    assert isinstance(heatmap, Locator)
+    dead = float(heatmap.page.locator("body").get_attribute("data-dead-fraction") or 0)
+    shares = heatmap.locator(".cell").evaluate_all("cells => cells.map((cell) => Number(cell.dataset.share))")
+    ratios = [share * experts for share in shares if share * experts > dead]
+    span = max([1.25, *ratios, *(1 / r for r in ratios)])
+    expect(heatmap.locator('[data-role="legend-high"]')).to_have_text(f"{span:.2f}×")
+    expect(heatmap.locator('[data-role="legend-low"]')).to_have_text(f"{1 / span:.2f}×")
+
+
+def _not_default() -> re.Pattern[str]:
     return re.compile(r"^rgb\((?!238, 238, 238\)).*")  # painted by the page's script, not the CSS placeholder

@@ -69,6 +69,8 @@ CLI_GROUPS: dict[str, dict[str, Case]] = {
         "data-verify-corrupt-shard": Case("data verify {ws}/corrupt", (shard_name(1), "1 of 3 shards"), code=1),
         "data-verify-missing": Case("data verify {ws}/absent", ("absent",)),
         "data-info-no-manifest": Case("data info {ws}/empty", ("manifest.json", "empty")),
+        "data-info-truncated-shard": Case("data info {ws}/truncated",
+                                          (f"truncated/{shard_name(2)} has 100 bytes, the manifest says",), code=1),
         "eval-mismatched-tokenizer": Case("eval {ws}/model --tasks elbo:{ws}/dataset --no-progress",
                                           ("dataset", "tokenized with")),
     },
@@ -91,7 +93,12 @@ CLI_GROUPS: dict[str, dict[str, Case]] = {
     },
     "dashboard": {
         "dashboard-port-out-of-range": Case("dashboard --port 99999", ("--port", "99999")),
-        "dashboard-port-in-use": Case("dashboard --port {port}", ("cannot listen", "{port}")),
+        "dashboard-port-in-use": Case("dashboard --tracking-uri sqlite:///{ws}/mlflow.db --port {port}",
+                                      ("cannot listen", "{port}")),
+        "dashboard-folder-store": Case("dashboard --tracking-uri {ws}/mlruns --port 0",
+                                       ("cannot open the MLflow tracking store at", "mlruns")),
+        "dashboard-missing-store": Case("dashboard --tracking-uri sqlite:///{ws}/absent/mlflow.db --port 0",
+                                        ("no MLflow tracking store", "absent/mlflow.db does not exist")),
         "dashboard-tracking-uri-scheme": Case("dashboard --tracking-uri bogus://x --port 0", ("bogus://x",)),
         "dashboard-threshold-1": Case("dashboard --imbalance-threshold 1 --port 0", ("--imbalance-threshold",)),
         "dashboard-refresh-0": Case("dashboard --refresh-seconds 0 --port 0", ("--refresh-seconds",)),
@@ -136,6 +143,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_pretrained(build_model(get_flavor("debug")), ws / "bare-model")
     write_dataset(ws / "dataset", fingerprint="0" * 64)
     write_dataset(ws / "corrupt", fingerprint=byte_tokenizer().fingerprint)
+    write_dataset(ws / "truncated", fingerprint=byte_tokenizer().fingerprint)
+    (ws / "truncated" / shard_name(2)).write_bytes(b"PAR1" + bytes(96))
+    (ws / "mlruns").mkdir()  # a folder store, which MLflow no longer opens by default
+    (ws / "mlflow.db").touch()  # a store that exists (MLflow makes its tables)
     shard = ws / "corrupt" / shard_name(1)
     shard.write_bytes(b"PAR1" + bytes(shard.stat().st_size - 4))  # same size, garbage inside
     (ws / "checkpoint").mkdir()
@@ -186,6 +197,8 @@ ALONE: dict[str, tuple[str, tuple[str, ...]]] = {
     "train-override-without-equals": ("train train.steps", ("key=value", "train.steps")),
     "dashboard-tracking-uri": ("dashboard --tracking-uri bogus://x --port 0", ("'bogus://x'", "--tracking-uri")),
     "dashboard-port": ("dashboard --port 99999", ("--port", "99999")),
+    "dashboard-missing-store": ("dashboard --tracking-uri sqlite:///{ws}/typo/mlflow.db --port 0",
+                                ("no MLflow tracking store at sqlite:///", "typo/mlflow.db does not exist")),
     "export-register-tracking-uri": ("export {ws}/absent --out {ws}/hf-alone --register m --tracking-uri bogus://x",
                                      ("'bogus://x'", "--tracking-uri")),
 }
@@ -208,6 +221,7 @@ def test_a_first_hour_mistake_is_one_error_line_from_the_real_command(name: str,
     for needle in ALONE[name][1]:
         assert needle in outcome.stderr
     assert not (workspace / "hf-alone").exists()  # export --register refused before writing anything
+    assert not (workspace / "typo").exists()  # the dashboard created no store where none was
 
 
 # -- the DiffusionTrainingJob spec: every field, each rule it can break ----------------------------------------------

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from dlmoe.cli import main
 from dlmoe.monitor.dashboard import Dashboard
 from dlmoe.monitor.store import Store
-from tests.synthetic_runs import balanced_counts, imbalanced_counts, log_run
+from tests.synthetic_runs import balanced_counts, imbalanced_counts, log_run, one_layer_counts
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,8 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def runs(store_uri: str) -> dict[str, str]:
     ids = {"balanced": log_run(store_uri, "balanced", balanced_counts()),
            "skewed": log_run(store_uri, "skewed", imbalanced_counts(), skew_growth=0.5),
-           "bare": log_run(store_uri, "bare", balanced_counts(), steps=())}
+           "bare": log_run(store_uri, "bare", balanced_counts(), steps=()),
+           "onelayer": log_run(store_uri, "onelayer", one_layer_counts())}
     client = MlflowClient(tracking_uri=store_uri)
     client.log_text(ids["balanced"], "{not json", "expert_load/step-00000040.json")
     client.log_metric(ids["bare"], "loss", 3.0, step=5)
@@ -52,7 +53,33 @@ def test_runs_list_links_every_run_by_name_and_flags_the_imbalanced_one(dashboar
     for name, run_id in runs.items():
         assert f'<a href="/runs/{run_id}">{name}</a>' in page
     flags = dict(re.findall(r'data-run-name="(\w+)".*?data-testid="balance-flag" data-state="(\w+)"', page))
-    assert flags == {"balanced": "balanced", "skewed": "imbalanced", "bare": "unknown"}
+    assert flags == {"balanced": "balanced", "skewed": "imbalanced", "bare": "unknown", "onelayer": "imbalanced"}
+
+
+def test_the_balance_flag_is_the_worst_layers_and_says_so(dashboard: Dashboard, runs: dict[str, str]) -> None:
+    for path in ("/", f"/runs/{runs['onelayer']}"):
+        page = get(dashboard, path)[1]
+        row = page[page.index(runs["onelayer"]):] if path == "/" else page
+        flag = re.search(r'<span class="flag bad" data-testid="balance-flag"[^>]*>([^<]*)</span>', row)
+        assert flag is not None, row[:2000]
+        # layer 0's 32/11, where the mean over the layers, 1.64, would pass the threshold 2
+        assert flag.group(1) == "imbalanced · worst layer L0 max/mean 2.91"
+        assert "the worst MoE layer's max/mean token share above 2" in flag.group(0)
+    assert "imbalance threshold: the worst layer's max/mean above 2" in get(dashboard, "/")[1]
+
+
+def test_the_heatmap_titles_its_axes_names_each_cell_and_scales_its_legend_to_the_data(
+        dashboard: Dashboard, runs: dict[str, str]) -> None:
+    page = get(dashboard, f"/runs/{runs['onelayer']}")[1]
+    start = page.index('data-testid="expert-heatmap"')
+    grid = page[start:page.index("</svg>", start)]
+    assert '>layer</text>' in grid and '>expert</text>' in grid
+    assert "<title>layer 0, expert 0: 36.36% of slots (2.91× fair)</title>" in grid
+    assert "<title>layer 1, expert 3: 12.50% of slots (1.00× fair)</title>" in grid
+    # the busiest expert, 32/11 of fair, reaches the top of the scale; the bottom is its inverse, 11/32
+    assert 'data-span="2.90909"' in grid
+    assert 'data-role="legend-high">2.91×<' in grid and 'data-role="legend-low">0.34×<' in grid
+    assert 'data-testid="imbalance-chart-reference"' in page and ">imbalance threshold 2</text>" in page
 
 
 def test_run_page_draws_one_cell_per_layer_and_expert_and_a_slider_over_logged_steps(dashboard: Dashboard,
@@ -115,6 +142,15 @@ def test_an_unreachable_store_is_a_clear_503_page(monkeypatch: pytest.MonkeyPatc
     assert "Tracking store unreachable" in page and "http://127.0.0.1:9" in page and "Traceback" not in page
 
 
+def test_cli_refuses_a_store_that_does_not_exist_and_creates_none(capsys: pytest.CaptureFixture[str],
+                                                                  tmp_path: Path) -> None:
+    typo = tmp_path / "typo" / "x.db"
+    assert main(["dashboard", "--tracking-uri", f"sqlite:///{typo}", "--port", "0"]) == 2
+    assert f"no MLflow tracking store at sqlite:///{typo} (--tracking-uri): {typo} does not exist" in \
+        capsys.readouterr().err
+    assert not typo.parent.exists()
+
+
 def test_cli_refuses_a_threshold_that_flags_every_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["dashboard", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--imbalance-threshold", "1"]) == 2
     assert "--imbalance-threshold" in capsys.readouterr().err
@@ -132,6 +168,7 @@ def test_metrics_are_prometheus_gauges_of_the_newest_runs(dashboard: Dashboard, 
         return samples[name, tuple(sorted({"run": run, "run_id": runs[run], **labels}.items()))]
 
     assert value("dlmoe_run_imbalanced", "skewed") == 1.0 and value("dlmoe_run_imbalanced", "balanced") == 0.0
+    assert value("dlmoe_run_imbalanced", "onelayer") == 1.0  # by its worst layer
     # skewed, newest step (i = 2), layer 1 over both bins: expert 0 has 2 × 1200 slots, experts 1-6 have 2 × 100,
     # expert 7 none: max/mean = 2400 / (3600 / 8)
     assert value("dlmoe_expert_max_over_mean", "skewed", layer="1") == pytest.approx(2400 / (3600 / 8))

@@ -239,7 +239,8 @@ def test_a_model_folder_without_tokenizer_is_refused(tmp_path: Path, capsys: pyt
 
 
 def test_cli_quick_check_writes_the_results_document(copy_folder: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)  # no ./mlflow.db here: nothing to log into, and none may be created
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     pairs = _examples(4, seed=505)
@@ -253,7 +254,10 @@ def test_cli_quick_check_writes_the_results_document(copy_folder: Path, tmp_path
     items = document["quick"]["items"]
     assert [item["prompt"] for item in items] == [p for p, _ in pairs[:3]]
     accuracy = sum(item["correct"] for item in items) / 3
-    assert document["tasks"]["quick"] == {"exact_match": accuracy, "items": 3.0}
+    assert document["tasks"]["quick"] == {"exact_match": accuracy, "items": 3}
+    printed = capsys.readouterr().out.splitlines()
+    assert f"{'quick':<24} {'items':<28} 3" in printed  # a count, not 3.0000
+    assert f"{'quick':<24} {'exact_match':<28} {accuracy:.4f}" in printed
     assert accuracy >= 2 / 3
     assert document["settings"]["threshold"] == 0.9 and document["model"]["step"] == 300
     assert metric_names(document) == {"eval/quick/exact_match": accuracy, "eval/quick/items": 3.0}

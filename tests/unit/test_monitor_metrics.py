@@ -96,8 +96,8 @@ def test_scalars_cover_layers_means_and_only_the_bins_that_got_tokens() -> None:
     window = window_of([[[1, 1], [2, 0]], [[0, 0], [0, 0]], [[3, 1], [1, 1]]])
     metrics = window.scalars(dead_fraction=0.0)
     assert metrics["moe/layer1/max_over_mean"] == pytest.approx(1.5)  # layer 1 over all bins: [3, 1]
-    assert metrics["moe/max_over_mean"] == pytest.approx((4 / 3 + 1.5) / 2)  # layer 0 over all bins: [4, 2]
-    assert metrics["moe/t0/max_over_mean"] == pytest.approx((1.0 + 2.0) / 2)
+    assert metrics["moe/max_over_mean"] == pytest.approx(1.5)  # the worst layer's; layer 0 over all bins: [4, 2]
+    assert metrics["moe/t0/max_over_mean"] == pytest.approx(2.0)  # bin 0's worst layer
     assert "moe/t1/max_over_mean" not in metrics
     assert metrics["moe/t2/normalized_entropy"] < 1.0
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from data_pipeline import storage
-from dlmoe.checkpointing import CheckpointState, checkpoint_shape, run_folder
+from dlmoe.checkpointing import CheckpointState, check_resumable, checkpoint_shape, run_folder
 from dlmoe.config import JobConfig, load_job_config
-from dlmoe.errors import CheckpointError, WorkerPreempted
+from dlmoe.errors import CheckpointError, ConfigError, WorkerPreempted
 from dlmoe.tracking import Tracker
 from dlmoe.train.hooks import (
     FAULT_MARK,
@@ -93,11 +93,17 @@ def test_a_state_from_before_some_fields_existed_still_reads(tmp_path: Path) -> 
     assert state.step == 4 and state.val_losses == [] and state.interruptions == [] and state.flavor is None
 
 
-def test_the_state_names_the_settings_a_job_changed(tmp_path: Path) -> None:
+def test_a_refused_resume_names_each_changed_field_with_both_values(tmp_path: Path) -> None:
     state = CheckpointState.new(job(tmp_path))
     assert state.changes(job(tmp_path, "train.lr=0.1")) == []  # not bound to the checkpoint
     changed = job(tmp_path, "model.num_hidden_layers=3", "data.seed=7")
-    assert state.changes(changed) == ["data.seed", "model"]
+    assert state.changes(changed) == ["data.seed: checkpoint 1234, job 7",
+                                      "model.moe_layer_freq: checkpoint [1, 1], job [1, 1, 1]",
+                                      "model.num_hidden_layers: checkpoint 2, job 3"]
+    with pytest.raises(ConfigError, match=r"cannot resume: its checkpoint \(step 0\) was made with other settings "
+                                          r"\(data.seed: checkpoint 1234, job 7; .*; model.num_hidden_layers: "
+                                          r"checkpoint 2, job 3\)"):
+        check_resumable(changed, state, "here")
 
 
 def test_run_folder_is_a_full_uri(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ class QuickResult:
         return sum(item.correct for item in self.items) / len(self.items)
 
     def metrics(self) -> dict[str, float]:
-        return {"exact_match": self.accuracy, "items": float(len(self.items))}
+        return {"exact_match": self.accuracy, "items": len(self.items)}  # a count: printed as one
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics(), "forward_passes": self.forward_passes,

@@ -78,13 +78,16 @@ class ExpertLoad:
         return self.dead_LE.sum(-1)
 
     def as_metrics(self, prefix: str = "moe") -> dict[str, float]:
-        """Flat scalar metrics per layer plus their means, for trackers."""
+        """Flat scalar metrics per layer, and one over the layers, for trackers: the worst layer's max/mean (what
+        flags imbalance everywhere: the dashboard, /metrics, the operator's BALANCE column; one starved layer is the
+        one to look at, and a mean over layers hides it), the mean of the others."""
         metrics: dict[str, float] = {}
         for name in ("max_over_mean", "coefficient_of_variation", "normalized_entropy", "dead_experts"):
             values: torch.Tensor = getattr(self, name)
             for layer, value in enumerate(values.tolist()):
                 metrics[f"{prefix}/layer{layer}/{name}"] = float(value)
-            metrics[f"{prefix}/{name}"] = float(values.float().mean())
+            over_layers = values.float().max() if name == "max_over_mean" else values.float().mean()
+            metrics[f"{prefix}/{name}"] = float(over_layers)
         return metrics
 
 

@@ -5,7 +5,7 @@ Gauges, labelled ``run`` (the run name), ``run_id`` and, per layer, ``layer`` (p
 ``dlmoe_step``, ``dlmoe_loss``, ``dlmoe_val_loss``, ``dlmoe_tokens_per_second``, ``dlmoe_run_imbalanced`` (1 when the
 dashboard flags the run), ``dlmoe_expert_max_over_mean``, ``dlmoe_expert_coefficient_of_variation``,
 ``dlmoe_expert_normalized_entropy``, ``dlmoe_expert_dead`` (per layer) and ``dlmoe_expert_max_over_mean_by_mask_ratio``
-(per bin, layer mean). ``dlmoe_tracking_store_up`` is 0 when the store did not answer this scrape.
+(per bin, the worst layer's). ``dlmoe_tracking_store_up`` is 0 when the store did not answer this scrape.
 """
 
 from __future__ import annotations
@@ -50,11 +50,11 @@ class RunsCollector:
         yield up
         labels = ["run", "run_id"]
         per_run = {name: GaugeMetricFamily(name, help_, labels=labels) for name, (_, help_) in RUN_GAUGES.items()}
-        flagged = GaugeMetricFamily("dlmoe_run_imbalanced", f"1 when max/mean exceeds {self.threshold:g} or an "
-                                    f"expert is dead", labels=labels)
+        flagged = GaugeMetricFamily("dlmoe_run_imbalanced", f"1 when the worst layer's max/mean exceeds "
+                                    f"{self.threshold:g} or an expert is dead", labels=labels)
         per_layer = {key: GaugeMetricFamily(f"dlmoe_expert_{'dead' if key == 'dead_experts' else key}", help_,
                                             labels=[*labels, "layer"]) for key, help_ in LAYER_GAUGES.items()}
-        by_bin = GaugeMetricFamily("dlmoe_expert_max_over_mean_by_mask_ratio", "Layer mean of max/mean in each "
+        by_bin = GaugeMetricFamily("dlmoe_expert_max_over_mean_by_mask_ratio", "The worst layer's max/mean in each "
                                    "mask-ratio bin (bin r holds t in [r/R, (r+1)/R))", labels=[*labels, "bin"])
         for run in runs:
             ids = [run.name, run.run_id]

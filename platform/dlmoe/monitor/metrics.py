@@ -76,15 +76,16 @@ class ExpertLoadWindow:
         return expert_load(self._counts().sum(0), dead_fraction)
 
     def scalars(self, dead_fraction: float, prefix: str = "moe") -> dict[str, float]:
-        """Per-layer and mean summaries (``moe/layer3/max_over_mean``, ``moe/max_over_mean``, …), and per mask-ratio
-        bin the layer means of imbalance and entropy (``moe/t0/max_over_mean``) for the bins that got tokens."""
+        """Per-layer summaries and one over the layers (``moe/layer3/max_over_mean``, ``moe/max_over_mean`` — the
+        worst layer's —, …), and per mask-ratio bin the worst layer's imbalance and the layer mean of entropy
+        (``moe/t0/max_over_mean``) for the bins that got tokens."""
         counts = self._counts()
         metrics = self.summary(dead_fraction).as_metrics(prefix)
         for r, counts_LE in enumerate(counts):
             if counts_LE.sum() == 0:
                 continue
             load = expert_load(counts_LE, dead_fraction)
-            metrics[f"{prefix}/t{r}/max_over_mean"] = float(load.max_over_mean.mean())
+            metrics[f"{prefix}/t{r}/max_over_mean"] = float(load.max_over_mean.max())
             metrics[f"{prefix}/t{r}/normalized_entropy"] = float(load.normalized_entropy.mean())
         return metrics
 

@@ -40,8 +40,10 @@ def balance_flag(run: RunSummary, threshold: float) -> str:
         return '<span class="flag unknown" data-testid="balance-flag" data-state="unknown">no expert load</span>'
     dead = f", {run.dead_experts:.2g} dead experts per layer" if run.dead_experts else ""
     label, css = ("imbalanced", "bad") if state else ("balanced", "ok")
+    where = "" if run.worst_layer is None else f"worst layer L{run.worst_layer} "
     return (f'<span class="flag {css}" data-testid="balance-flag" data-state="{label}" '
-            f'title="max/mean above {threshold:g} or a dead expert flags a run">{label} · max/mean '
+            f'data-max-over-mean="{run.max_over_mean:.6g}" title="the worst MoE layer\'s max/mean token share above '
+            f'{threshold:g}, or a dead expert, flags a run">{label} · {where}max/mean '
             f'{run.max_over_mean:.2f}{escape(dead)}</span>')
 
 
@@ -57,9 +59,10 @@ def runs_page(runs: Sequence[RunSummary], uri: str, threshold: float, refresh_s:
         f'<td class="num">{"" if r.step is None else r.step}</td>'
         f'<td class="num">{"" if r.loss is None else f"{r.loss:.4f}"}</td>'
         f'<td>{balance_flag(r, threshold)}</td><td>{_when(r.start_time)}</td></tr>' for r in runs)
-    body = (f'<h1>Runs</h1><p class="muted">Tracking store {escape(uri)} · imbalance threshold max/mean '
-            f'{threshold:g}</p><table class="runs" data-testid="runs"><thead><tr><th>Run</th><th>Experiment</th>'
-            f'<th>Status</th><th>Step</th><th>Loss</th><th>Expert balance</th><th>Started</th></tr></thead>'
+    body = (f'<h1>Runs</h1><p class="muted">Tracking store {escape(uri)} · imbalance threshold: the worst '
+            f'layer\'s max/mean above {threshold:g}</p><table class="runs" data-testid="runs"><thead><tr>'
+            f'<th>Run</th><th>Experiment</th><th>Status</th><th>Step</th><th>Loss</th><th>Expert balance</th>'
+            f'<th>Started</th></tr></thead>'
             f'<tbody>{rows}</tbody></table>')
     return layout("Runs", body, data={"live": "true" if any(r.status == "RUNNING" for r in runs) else "false",
                                       "refresh-ms": f"{refresh_s * 1000:.0f}"})
@@ -70,8 +73,9 @@ def _when(millis: int) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[int, float]]], *, testid: str, y_label: str,
-               reference: float | None = None) -> str:
-    """An SVG line chart of ``name → [(step, value)]`` with axes, ticks, a legend and an optional dashed line."""
+               reference: float | None = None, reference_label: str = "threshold") -> str:
+    """An SVG line chart of ``name → [(step, value)]`` with titled axes, ticks, a legend and an optional dashed
+    line, labelled ``reference_label``."""
     points = [p for values in series.values() for p in values]
     if not points:
         return f'<p class="empty" data-testid="{testid}">Nothing logged yet.</p>'
@@ -99,7 +103,9 @@ def line_chart(series: dict[str, list[tuple[int, float]]], *, testid: str, y_lab
                      f'text-anchor="middle">{x:.0f}</text>')
     if reference is not None:
         parts.append(f'<line class="reference" x1="{left}" x2="{width - right}" y1="{sy(reference):.1f}" '
-                     f'y2="{sy(reference):.1f}"><title>threshold {reference:g}</title></line>')
+                     f'y2="{sy(reference):.1f}"><title>{escape(reference_label)} {reference:g}</title></line>'
+                     f'<text class="reference-label" data-testid="{testid}-reference" x="{width - right - 4}" '
+                     f'y="{sy(reference) - 4:.1f}" text-anchor="end">{escape(reference_label)} {reference:g}</text>')
     for i, (name, values) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
@@ -107,25 +113,76 @@ def line_chart(series: dict[str, list[tuple[int, float]]], *, testid: str, y_lab
                      f'<title>{escape(name)}</title></polyline>')
         parts.append(f'<text class="legend" x="{width - right + 8}" y="{top + 12 + 14 * i}" '
                      f'style="fill: {colour}">{escape(name)}</text>')
-    parts.append(f'<text class="tick" x="{(left + width - right) / 2}" y="{height - 2}" '
+    parts.append(f'<text class="axis-title" x="{(left + width - right) / 2}" y="{height - 2}" '
                  f'text-anchor="middle">step</text>')
+    parts.append(f'<text class="axis-title" transform="translate(12 {(top + height - bottom) / 2:.1f}) rotate(-90)" '
+                 f'text-anchor="middle">{escape(y_label)}</text>')
     return (f'<svg class="chart" data-testid="{testid}" viewBox="0 0 {width} {height}" role="img" '
             f'aria-label="{escape(y_label)} by step">{"".join(parts)}</svg>')
 
 
-def heatmap(share: Sequence[Sequence[float]], *, testid: str, extra: str = "") -> str:
-    """A layer × expert grid; each cell carries ``data-layer``, ``data-expert`` and ``data-share``."""
+MIN_SPAN = 1.25  # the colour scale reaches at least this factor of the fair share either way
+
+
+def colour_span(share: Sequence[Sequence[float]], dead_fraction: float) -> float:
+    """How far the colour scale reaches, as a factor of the fair share 1/E either way (log scale, white at fair):
+    the data's widest departure from fair — the busiest expert's share over fair, or fair over the least-used live
+    expert's — so the data's extremes take the scale's extremes. ``static/dashboard.js`` (``spanOf``) computes the
+    same for each step the slider picks."""
     experts = len(share[0]) if share else 0
-    labels = "".join(f'<div class="col-label">{e if e % max(1, experts // 16) == 0 else ""}</div>'
-                     for e in range(experts))
-    rows = []
+    ratios = [v * experts for row in share for v in row if v * experts > dead_fraction]
+    return max([MIN_SPAN, *ratios, *(1 / r for r in ratios)])
+
+
+def heatmap(share: Sequence[Sequence[float]], *, testid: str, dead_fraction: float, extra: str = "",
+            cell_height: int = 22) -> str:
+    """A layer × expert grid as SVG, its axes titled, with a colour legend scaled to the data (``colour_span``).
+    Each cell is a ``rect`` carrying ``data-layer``, ``data-expert`` and ``data-share`` (the browser code colours it
+    from them) and a ``title`` naming it on hover."""
+    layers, experts = len(share), len(share[0]) if share else 0
+    cell_w = max(6, min(32, 720 // max(1, experts)))
+    left, top = 58, 8
+    grid_w, grid_h = experts * cell_w, layers * cell_height
+    width = max(left + grid_w + 8, left + 420)
+    every = max(1, -(-experts // 16))  # at most 16 expert labels
+    parts = []
     for layer, row in enumerate(share):
-        cells = "".join(f'<div class="cell" data-layer="{layer}" data-expert="{e}" data-share="{v:.6g}" '
-                        f'title="layer {layer}, expert {e}: {v * 100:.2f}% of slots ({v * experts:.2f}× fair)">'
-                        f'</div>' for e, v in enumerate(row))
-        rows.append(f'<div class="row-label">L{layer}</div>{cells}')
-    return (f'<div class="heatmap" data-testid="{testid}" data-experts="{experts}" {extra} '
-            f'style="--experts: {experts}"><div></div>{labels}{"".join(rows)}</div>')
+        y = top + layer * cell_height
+        parts.append(f'<text class="tick" x="{left - 6}" y="{y + cell_height / 2 + 4:.1f}" '
+                     f'text-anchor="end">L{layer}</text>')
+        parts.extend(f'<rect class="cell" data-layer="{layer}" data-expert="{e}" data-share="{v:.6g}" '
+                     f'x="{left + e * cell_w}" y="{y}" width="{cell_w - 1}" height="{cell_height - 1}">'
+                     f'<title>layer {layer}, expert {e}: {v * 100:.2f}% of slots ({v * experts:.2f}× fair)</title>'
+                     f'</rect>' for e, v in enumerate(row))
+    axis_y = top + grid_h + 14
+    parts.extend(f'<text class="tick" x="{left + e * cell_w + cell_w / 2:.1f}" y="{axis_y}" '
+                 f'text-anchor="middle">{e}</text>' for e in range(0, experts, every))
+    parts.append(f'<text class="axis-title" x="{left + grid_w / 2:.1f}" y="{axis_y + 16}" '
+                 f'text-anchor="middle">expert</text>')
+    parts.append(f'<text class="axis-title" transform="translate(14 {top + grid_h / 2:.1f}) rotate(-90)" '
+                 f'text-anchor="middle">layer</text>')
+    span = colour_span(share, dead_fraction)
+    legend_y = axis_y + 30
+    parts.append(f'<g class="colour-legend" data-testid="{testid}-legend" transform="translate({left} {legend_y})">'
+                 f'<text class="tick" x="0" y="9">token share vs fair 1/E:</text>'
+                 f'<text class="tick" x="150" y="9" text-anchor="end" data-role="legend-low">{1 / span:.2f}×</text>'
+                 f'<rect x="154" y="0" width="160" height="10" fill="url(#scale-gradient)"/>'
+                 f'<text class="tick" x="234" y="22" text-anchor="middle">1×</text>'
+                 f'<text class="tick" x="318" y="9" data-role="legend-high">{span:.2f}×</text>'
+                 f'<rect class="dead-swatch" x="360" y="0" width="10" height="10"/>'
+                 f'<text class="tick" x="374" y="9">dead</text></g>')
+    height = legend_y + 26
+    return (f'<svg class="heatmap" data-testid="{testid}" data-experts="{experts}" data-span="{span:.6g}" {extra} '
+            f'viewBox="0 0 {width} {height}" style="max-width: {width}px" role="img" '
+            f'aria-label="token share per layer and expert">{"".join(parts)}</svg>')
+
+
+# The colour scale of static/dashboard.js (``colour``), defined once per page for the heatmaps' legends: blue at
+# 1/span of the fair share, white at fair, red at span times fair.
+SCALE_GRADIENT = ('<svg width="0" height="0" aria-hidden="true" style="position: absolute"><defs>'
+                  '<linearGradient id="scale-gradient"><stop offset="0" stop-color="rgb(33, 102, 172)"/>'
+                  '<stop offset="0.5" stop-color="rgb(247, 247, 247)"/><stop offset="1" stop-color="rgb(178, 24, 43)"/>'
+                  '</linearGradient></defs></svg>')
 
 
 def dead_list(artifact: ExpertLoadArtifact) -> str:
@@ -145,7 +202,8 @@ def mask_ratio_view(artifact: ExpertLoadArtifact) -> str:
     for r, share in enumerate(artifact.bin_share):
         lo, hi = artifact.edges[r], artifact.edges[r + 1]
         imbalance = max(artifact.bin_summary[r].max_over_mean, default=0.0)
-        grid = heatmap(share, testid="mask-ratio-heatmap", extra=f'data-bin="{r}"')
+        grid = heatmap(share, testid="mask-ratio-heatmap", extra=f'data-bin="{r}"',
+                       dead_fraction=artifact.dead_fraction, cell_height=12)
         panels.append(f'<figure class="bin"><figcaption>t ∈ [{lo:g}, {hi:g}) · '
                       f'<span data-role="bin-caption" data-bin="{r}">{artifact.bin_tokens[r]:.0f} slots · worst '
                       f'max/mean {imbalance:.2f}</span></figcaption>'
@@ -163,9 +221,11 @@ def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warni
             f'{escape(run.status)}</span> · step {run.step if run.step is not None else "–"} · '
             f'{balance_flag(run, threshold)}</p>')
     notes = "".join(f'<p class="warning" data-testid="artifact-warning">⚠ {escape(w)}</p>' for w in warnings)
+    imbalance_chart = line_chart(imbalance, testid="imbalance-chart", y_label="max/mean", reference=threshold,
+                                 reference_label="imbalance threshold")
     charts = (f'<section><h2>Loss</h2>{line_chart(loss, testid="loss-chart", y_label="loss")}</section>'
               f'<section><h2>Imbalance per layer (max / mean token share)</h2>'
-              f'{line_chart(imbalance, testid="imbalance-chart", y_label="max/mean", reference=threshold)}'
+              f'{imbalance_chart}'
               f'</section>')
     if not artifacts:
         load = ('<section><h2>Expert load</h2><p class="empty" data-testid="no-expert-load">No expert-load '
@@ -180,10 +240,9 @@ def run_page(run: RunSummary, *, artifacts: dict[int, ExpertLoadArtifact], warni
               f'<input type="range" id="step-slider" data-testid="step-slider" min="0" max="{len(steps) - 1}" '
               f'value="{steps.index(step)}" data-steps="{escape(json.dumps(steps))}"></label>'
               f'<span class="muted" id="window-label">window: steps {artifact.first_step}–{artifact.step}</span>')
-    legend = ('<div class="legend-bar"><span>¼× fair</span><span class="scale"></span><span>4× fair</span>'
-              '<span class="swatch dead-swatch"></span><span>dead</span></div>')
-    grid = heatmap(artifact.share, testid="expert-heatmap", extra=f'data-layers="{artifact.layers}"')
-    load = (f'<section><h2>Token share per layer and expert</h2>{slider}{legend}{grid}'
+    grid = heatmap(artifact.share, testid="expert-heatmap", extra=f'data-layers="{artifact.layers}"',
+                   dead_fraction=artifact.dead_fraction)
+    load = (f'<section><h2>Token share per layer and expert</h2>{SCALE_GRADIENT}{slider}{grid}'
             f'</section><section><h2>Dead experts</h2><div id="dead">{dead_list(artifact)}</div></section>'
             f'<section><h2>By mask ratio t</h2><p class="muted">Each routed slot counted in the bin of its '
             f'sample\'s mask ratio: masked positions all enter as the same embedding, so heavily masked batches '

@@ -27,6 +27,22 @@ class StoreUnavailable(DlmoeError):
     """The tracking store at a URI did not answer (or answered with an error)."""
 
 
+def require_existing(uri: str, where: str) -> None:
+    """Refuse a local tracking store (``sqlite:///PATH``, ``file://PATH`` or a folder) that does not exist: MLflow
+    would create an empty one at a mistyped path, and a read-only viewer would then say "no runs yet". ``where``
+    names the setting the URI came from."""
+    scheme, _, rest = uri.partition("://")
+    if not rest:
+        path = Path(uri)
+    elif scheme in ("sqlite", "file"):
+        path = Path(rest.removeprefix("/") if scheme == "sqlite" else rest).expanduser()
+    else:
+        return  # a server: one that does not answer is shown as such, page by page
+    if not path.exists():
+        raise StoreUnavailable(f"no MLflow tracking store at {uri} ({where}): {path} does not exist, and the "
+                               f"dashboard only reads a store, it does not create one")
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """One run as the runs list shows it."""
@@ -38,13 +54,15 @@ class RunSummary:
     start_time: int
     step: int | None
     loss: float | None
-    max_over_mean: float | None
+    max_over_mean: float | None  # the worst MoE layer's max/mean token share (``worst_layer``)
     dead_experts: float | None
     layers: list[int] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)  # the latest value of every metric
+    worst_layer: int | None = None  # None when the run logged no per-layer figures
 
     def imbalanced(self, threshold: float) -> bool | None:
-        """Whether the latest expert load is out of balance (None: the run logged none)."""
+        """Whether the latest expert load is out of balance: the worst layer's max/mean above ``threshold`` or a
+        dead expert (None: the run logged no expert load)."""
         if self.max_over_mean is None:
             return None
         return self.max_over_mean > threshold or bool(self.dead_experts)
@@ -62,10 +80,14 @@ class Store:
     """The MLflow client calls of the dashboard, with errors turned into ``StoreUnavailable``."""
 
     def __init__(self, uri: str, cache_size: int = 512) -> None:
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.client = MlflowClient(tracking_uri=uri)
+        except MlflowException as exc:  # e.g. a folder store, which MLflow no longer opens by default
+            raise StoreUnavailable(f"cannot open the MLflow tracking store at {uri}: {exc.message}") from exc
         self.cache: OrderedDict[tuple[str, str], ExpertLoadArtifact | ArtifactError] = OrderedDict()
         self.cache_size = cache_size
         self.lock = threading.Lock()
@@ -112,13 +134,16 @@ class Store:
     def _summary(self, run: Any, experiment: str) -> RunSummary:
         metrics: dict[str, float] = run.data.metrics
         loss_history = self.history(run.info.run_id, "loss") if "loss" in metrics else []
-        layers = sorted(int(m.group(1)) for m in map(LAYER_METRIC.match, metrics) if m)
+        by_layer = {int(m.group(1)): metrics[m.group(0)] for m in map(LAYER_METRIC.match, metrics) if m}
+        # The worst layer, not the mean over layers: one starved layer is what needs looking at.
+        worst = max(by_layer, key=lambda layer: by_layer[layer]) if by_layer else None
         return RunSummary(
             run_id=run.info.run_id, name=run.data.tags.get(RUN_NAME_TAG) or run.info.run_name or run.info.run_id,
             experiment=experiment, status=run.info.status, start_time=run.info.start_time or 0,
             step=loss_history[-1][0] if loss_history else None, loss=metrics.get("loss"),
-            max_over_mean=metrics.get("moe/max_over_mean"), dead_experts=metrics.get("moe/dead_experts"),
-            layers=layers, metrics=dict(metrics))
+            max_over_mean=metrics.get("moe/max_over_mean") if worst is None else by_layer[worst],
+            dead_experts=metrics.get("moe/dead_experts"), layers=sorted(by_layer), metrics=dict(metrics),
+            worst_layer=worst)
 
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         """``(step, value)`` of metric ``key``, by step (the last value logged at a step wins)."""

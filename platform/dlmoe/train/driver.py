@@ -100,12 +100,13 @@ def _training_dataset(job: JobConfig, *, progress: bool) -> str:
 
 def _check_dataset(job: JobConfig, uri: str) -> None:
     """Fail here, before any worker starts, when a dataset does not fit the job."""
-    from data_pipeline.shards import check_against_job, read_manifest
+    from data_pipeline.shards import check_against_job, check_sizes, read_manifest
 
     manifest = read_manifest(uri, endpoint_url=job.endpoint_url)
     tokenizer = job_tokenizer(job, job.model.to_model_config())
     check_against_job(manifest, uri, seq_len=job.data.seq_len, tokenizer_fingerprint=tokenizer.fingerprint,
                       kind=job.objective.kind)
+    check_sizes(manifest, uri, endpoint_url=job.endpoint_url)
     mask_id = manifest.tokenizer.get("mask_id")
     if mask_id != job.model.mask_token_id:
         raise ConfigError(f"the dataset {uri} masks with id {mask_id}, the model with {job.model.mask_token_id}",
@@ -149,26 +150,33 @@ def check_resumable(job: JobConfig) -> None:
         checkpointing.check_resumable(job, found[0].state, run.uri)
 
 
-def run_training(job: JobConfig, *, progress: bool = True) -> TrainingResult:
-    """Train ``job`` with Ray Train, holding the run's lock; returns the summary of the finished run."""
+def run_training(job: JobConfig, *, progress: bool = True, verbose: bool = False) -> TrainingResult:
+    """Train ``job`` with Ray Train, holding the run's lock; returns the summary of the finished run. The console
+    shows one progress bar and dlmoe's warnings; ``verbose`` lets Ray's, DeepSpeed's and MLflow's output through."""
     lock = checkpointing.RunLock(job)
     lock.acquire()
     try:
-        return _train(job, progress=progress)
+        return _train(job, progress=progress, verbose=verbose)
     finally:
         lock.release()
 
 
-def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
+def _train(job: JobConfig, *, progress: bool, verbose: bool) -> TrainingResult:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from dlmoe.tracking import fail_run
+    from dlmoe.train.console import DriverConsole
+    from dlmoe.train.failures import DlmoeTrainer, failure_message
     from dlmoe.train.preemption import TorchWithSigterm
     from dlmoe.train.worker import train_loop_per_worker
 
+    if not verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store's INFO lines ("Creating initial ...")
     if not ray.is_initialized():
-        ray.init(address=ray_jobs.ray_address(), include_dashboard=False, logging_level=logging.ERROR)
+        ray.init(address=ray_jobs.ray_address(), include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=verbose)
     cpus = ray.cluster_resources().get("CPU", 0)
     gpus = ray.cluster_resources().get("GPU", 0)
     if job.parallel.use_gpu and gpus < job.parallel.num_workers:
@@ -188,11 +196,12 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
     per_worker = {} if job.parallel.use_gpu else {"CPU": share}
     threads = max(1, int(share))
     mlflow_run_id = open_run(job) if job.tracking.enabled else None
-    trainer = TorchTrainer(
+    console = DriverConsole(progress=progress)
+    trainer = DlmoeTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "dataset": dataset, "use_gpu": job.parallel.use_gpu,
                            "mlflow_run_id": mlflow_run_id, "progress": progress, "threads": threads,
-                           "unigram_baseline": baseline},
+                           "unigram_baseline": baseline, "console": console.handle, "verbose": verbose},
         torch_config=TorchWithSigterm(sigterm_grace_s=job.checkpoint.sigterm_grace_s),
         scaling_config=ScalingConfig(num_workers=job.parallel.num_workers, use_gpu=job.parallel.use_gpu,
                                      resources_per_worker=per_worker or None),
@@ -201,11 +210,16 @@ def _train(job: JobConfig, *, progress: bool) -> TrainingResult:
                              checkpoint_config=CheckpointConfig(
                                  num_to_keep=job.checkpoint.num_to_keep,
                                  checkpoint_score_attribute=job.checkpoint.score_attribute or None,
-                                 checkpoint_score_order=job.checkpoint.score_order)),
+                                 checkpoint_score_order="max" if job.checkpoint.score_order == "max" else "min")),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise DlmoeError(f"run '{job.run_name}' failed: {result.error}") from result.error
+    with console:
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:
+            message = failure_message(job.run_name, exc)
+            if mlflow_run_id:
+                fail_run(job, mlflow_run_id, message)
+            raise DlmoeError(message) from exc
     metrics: dict[str, Any] = result.metrics or {}
     kept = getattr(result, "best_checkpoints", None) or []
     checkpoints = [str(c.path) for c, _ in kept]

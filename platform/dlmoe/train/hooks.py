@@ -33,6 +33,7 @@ from dlmoe.config import JobConfig
 from dlmoe.errors import DlmoeError, WorkerPreempted
 from dlmoe.monitor.metrics import ExpertLoadMonitor
 from dlmoe.tracking import Tracker
+from dlmoe.train.console import WorkerConsole
 from dlmoe.train.exports import CheckpointExports, export_final
 from dlmoe.train.step import StepOutcome
 from dlmoe.train.validation import Validation
@@ -176,26 +177,20 @@ class ExportPoll(Hook):
 
 class ProgressBar(Hook):
     """Rank 0's progress line: step, loss, validation loss (beside the held-out unigram baseline, when known),
-    throughput."""
+    throughput; the driver draws it (``console.DriverConsole``)."""
 
-    def __init__(self, job: JobConfig, first_step: int, baseline: float | None = None) -> None:
-        from ray.experimental.tqdm_ray import tqdm
-
-        self.run_name, self.baseline = job.run_name, baseline
-        self.bar = tqdm(total=job.train.steps - first_step, desc=f"train {job.run_name} from step {first_step}")
+    def __init__(self, job: JobConfig, first_step: int, console: WorkerConsole, baseline: float | None = None) -> None:
+        self.run_name, self.baseline, self.console = job.run_name, baseline, console
+        console.start_bar(job.train.steps - first_step, f"train {job.run_name} from step {first_step}")
 
     def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
-        self.bar.update(1)
-        self.bar.set_description(self.describe(done, state))
+        self.console.step(self.describe(done, state))
 
     def describe(self, done: StepOutcome, state: CheckpointState) -> str:
         val = f" val {state.val_losses[-1][1]:.3f}" if state.val_losses else ""
         if val and self.baseline is not None:
             val += f" (unigram {self.baseline:.3f})"
         return f"train {self.run_name} step {done.step} loss {done.loss:.3f}{val} {done.tokens_per_s:.0f} tok/s"
-
-    def at_end(self, end: RunEnd) -> None:
-        self.bar.close()
 
 
 class Checkpointer(Hook):
@@ -242,16 +237,17 @@ class Checkpointer(Hook):
 
 def build_hooks(job: JobConfig, *, rank: int, world: int, engine: Any, tracker: Tracker,
                 validation: Validation | None, exports: CheckpointExports | None, first_step: int,
-                progress: bool, baseline: float | None = None) -> list[Hook]:
-    """The loop's components for this rank, in the order they are called. ``baseline``: the held-out unigram
-    cross-entropy, shown beside the validation loss and logged once (``unigram_baseline``) when given."""
+                bar: WorkerConsole | None, baseline: float | None = None) -> list[Hook]:
+    """The loop's components for this rank, in the order they are called. ``bar``: the console that draws rank 0's
+    progress bar (None: no bar). ``baseline``: the held-out unigram cross-entropy, shown beside the validation loss
+    and logged once (``unigram_baseline``) when given."""
     if baseline is not None:
         tracker.log_metrics({"unigram_baseline": baseline}, first_step)
     hooks: list[Hook] = [FaultInjection(job, rank), MetricsLog(job, engine, tracker)]
     if validation is not None:
         hooks.append(ValidationRun(job, validation, engine, tracker))
-    if progress and rank == 0:
-        hooks.append(ProgressBar(job, first_step, baseline))
+    if bar is not None and rank == 0:
+        hooks.append(ProgressBar(job, first_step, bar, baseline))
     if exports is not None:
         hooks.append(ExportPoll(job, exports))
     hooks.append(Checkpointer(job, engine, rank, world, tracker, exports, validation is not None))

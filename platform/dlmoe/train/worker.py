@@ -23,6 +23,7 @@ from dlmoe.export.remote import load_weights
 from dlmoe.model import build_model
 from dlmoe.parallel import full_state_dict, parallelize, params_sha256
 from dlmoe.tracking import make_tracker
+from dlmoe.train.console import WorkerConsole
 from dlmoe.train.exports import CheckpointExports
 from dlmoe.train.hooks import RunEnd, build_hooks, latest_val
 from dlmoe.train.preemption import PreemptionWatch
@@ -33,12 +34,16 @@ from dlmoe.train.validation import Validation
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point on every rank. ``config``: ``job`` (the resolved job as a dict), ``dataset``
     (a tokenized dataset URI), ``use_gpu``, ``threads`` (torch threads of a CPU worker), ``mlflow_run_id``,
-    ``progress``, ``unigram_baseline`` (the held-out unigram cross-entropy, or ``None``)."""
+    ``console`` (the driver's ``ConsoleChannel``), ``progress``, ``verbose`` (Ray shows the workers' output: no
+    warning is relayed), ``unigram_baseline`` (the held-out unigram cross-entropy, or ``None``)."""
     job = job_from_dict(config["job"])
     if not config["use_gpu"]:
         torch.set_num_threads(config["threads"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    console = WorkerConsole(config["console"], rank)
+    if not config["verbose"]:
+        console.relay_warnings()
     model_config = job.model.to_model_config()
     tokenizer = job_tokenizer(job, model_config)
     torch.manual_seed(job.train.seed)
@@ -58,7 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     validation = Validation(job, rank, world, tokenizer.fingerprint) if job.train.eval_every else None
     exports = CheckpointExports(job, tracker, run_id) if rank == 0 and job.export.enabled else None
     hooks = build_hooks(job, rank=rank, world=world, engine=engine, tracker=tracker, validation=validation,
-                        exports=exports, first_step=state.step, progress=config.get("progress", True),
+                        exports=exports, first_step=state.step, bar=console if config["progress"] else None,
                         baseline=config.get("unigram_baseline"))
     throughput = Throughput(world, state.step, steps)
     runner = StepRunner(job, engine, model, world, PreemptionWatch(rank), throughput)

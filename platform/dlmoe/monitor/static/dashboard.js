@@ -2,21 +2,34 @@
 // and reloads a live run's page when something new was logged. No framework, no third-party asset.
 "use strict";
 
-// Share relative to the fair share 1/E, on a log scale: blue below, white at fair, red above (clamped at 4x).
-function colour(share, experts, deadFraction) {
+// Share relative to the fair share 1/E, on a log scale: blue below, white at fair, red above, reaching its
+// extremes at `span` times (or 1/span of) the fair share — the data's own reach (spanOf), not a fixed one.
+function colour(share, experts, deadFraction, span) {
   const ratio = share * experts;
   if (ratio <= deadFraction) return "#111111";
-  const x = Math.max(-1, Math.min(1, Math.log2(Math.max(ratio, 1e-9)) / 2));
+  const x = Math.max(-1, Math.min(1, Math.log(Math.max(ratio, 1e-9)) / Math.log(span)));
   const mix = (a, b, t) => Math.round(a + (b - a) * t);
   const [from, to] = x < 0 ? [[247, 247, 247], [33, 102, 172]] : [[247, 247, 247], [178, 24, 43]];
   const t = Math.abs(x);
   return `rgb(${mix(from[0], to[0], t)}, ${mix(from[1], to[1], t)}, ${mix(from[2], to[2], t)})`;
 }
 
+// As pages.colour_span: the widest departure from fair among the live experts, at least 1.25x.
+function spanOf(grid, deadFraction) {
+  const experts = Number(grid.dataset.experts);
+  const ratios = [...grid.querySelectorAll(".cell")].map((cell) => Number(cell.dataset.share) * experts)
+    .filter((ratio) => ratio > deadFraction);
+  return Math.max(1.25, ...ratios, ...ratios.map((ratio) => 1 / ratio));
+}
+
 function paint(grid, deadFraction) {
   const experts = Number(grid.dataset.experts);
+  const span = spanOf(grid, deadFraction);
+  grid.dataset.span = String(span);
+  grid.querySelector('[data-role="legend-low"]').textContent = `${(1 / span).toFixed(2)}×`;
+  grid.querySelector('[data-role="legend-high"]').textContent = `${span.toFixed(2)}×`;
   for (const cell of grid.querySelectorAll(".cell")) {
-    cell.style.background = colour(Number(cell.dataset.share), experts, deadFraction);
+    cell.style.fill = colour(Number(cell.dataset.share), experts, deadFraction, span);
   }
 }
 
@@ -25,8 +38,8 @@ function fill(grid, share, deadFraction) {
   for (const cell of grid.querySelectorAll(".cell")) {
     const value = share[Number(cell.dataset.layer)][Number(cell.dataset.expert)];
     cell.dataset.share = String(value);
-    cell.title = `layer ${cell.dataset.layer}, expert ${cell.dataset.expert}: ${(value * 100).toFixed(2)}% of slots ` +
-      `(${(value * experts).toFixed(2)}× fair)`;
+    cell.querySelector("title").textContent = `layer ${cell.dataset.layer}, expert ${cell.dataset.expert}: ` +
+      `${(value * 100).toFixed(2)}% of slots (${(value * experts).toFixed(2)}× fair)`;
   }
   paint(grid, deadFraction);
 }
