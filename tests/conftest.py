@@ -30,8 +30,31 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen[bytes]:
                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                              "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until_listening(port, proc, "mlflow server", timeout=90)
+    try:
+        wait_until_listening(port, proc, "mlflow server", timeout=90)
+    except BaseException:
+        stop_mlflow_server(proc)
+        raise
     return proc
+
+
+def stop_mlflow_server(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the server and every process under it: its job runner's consumers can outlive a terminated server."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(family, timeout=20)
+    for member in alive:
+        member.kill()
+    proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +65,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_mlflow_server(proc)
 
 
 @pytest.fixture(scope="session")
