@@ -192,6 +192,34 @@ def delete(loc: Location) -> None:
     retrying(remove, uri=loc.uri, what="delete")
 
 
+def upload(local: Path, loc: Location, skip: tuple[str, ...] = ()) -> None:
+    """Copy a local file, or every file of a local folder but those named in ``skip``, to ``loc``."""
+    local_fs = pafs.LocalFileSystem()
+
+    def copy() -> None:
+        if local.is_file():
+            pafs.copy_files(str(local), loc.path, source_filesystem=local_fs, destination_filesystem=loc.fs)
+            return
+        loc.fs.create_dir(loc.path, recursive=True)
+        for path in sorted(local.rglob("*")):
+            if path.is_file() and path.name not in skip:
+                relative = path.relative_to(local).as_posix()
+                loc.fs.create_dir(posixpath.dirname(posixpath.join(loc.path, relative)), recursive=True)
+                pafs.copy_files(str(path), posixpath.join(loc.path, relative), source_filesystem=local_fs,
+                                destination_filesystem=loc.fs)
+
+    retrying(copy, uri=loc.uri, what="write")
+
+
+def delete_folder(loc: Location) -> None:
+    """Remove a folder and everything under it (nothing when it does not exist)."""
+    def remove() -> None:
+        if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
+            loc.fs.delete_dir(loc.path)
+
+    retrying(remove, uri=loc.uri, what="delete")
+
+
 def list_files(loc: Location, suffixes: tuple[str, ...] = ()) -> list[tuple[Location, int]]:
     """Files under ``loc`` (recursively; ``loc`` itself when it is a file) with their sizes, sorted by path."""
     def listing() -> list[pafs.FileInfo]:

@@ -25,12 +25,14 @@ import hashlib
 import json
 import mmap
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import xxhash
 
 from data_pipeline import storage
 from dlmoe.config import JobConfig
-from dlmoe.errors import CheckpointError, ConfigError
+from dlmoe.errors import CheckpointError, ConfigError, DlmoeError
 from dlmoe.model import ModelConfig
 
 STATE_FILE = "dlmoe_state.json"
@@ -184,9 +186,13 @@ def folder_checksums(folder: Path) -> dict[str, str]:
     return sums
 
 
-def verify_folder(folder: Path, where: str) -> None:
-    """Check every file a local checkpoint folder's checksum lists name; ``CheckpointError`` names the first that is
-    missing or does not match."""
+def verify_folder(folder: Path, where: str, ranks: int = 1) -> None:
+    """Check that a local checkpoint folder has the checksum lists of its ``ranks`` ranks and every file they name;
+    ``CheckpointError`` names the first list or file that is missing or does not match."""
+    for rank in range(ranks):
+        if not (folder / f"{CHECKSUM_FILE}.rank{rank}").is_file():
+            raise CheckpointError(f"checkpoint {where}: {CHECKSUM_FILE}.rank{rank} is missing (rank {rank} of "
+                                  f"{ranks} did not finish writing it)")
     for sums_file in sorted(folder.glob(f"{CHECKSUM_FILE}.rank*")):
         for name, digest in json.loads(sums_file.read_text()).items():
             if not checksum_matches(folder / name, digest):
@@ -208,18 +214,48 @@ def find_checkpoints(run: storage.Location) -> list[FoundCheckpoint]:
     return sorted(found, key=lambda f: (f.step, f.location.path), reverse=True)
 
 
-def save(engine: Any, state: CheckpointState, rank: int) -> Any:
-    """Save this rank's part of a checkpoint in a fresh local folder and return it as a Ray Train checkpoint (Ray
-    moves it into the run folder)."""
-    from ray.train import Checkpoint
+def folder_name(step: int) -> str:
+    """A new checkpoint folder's name: the step, then the UTC time (a run that reaches a step again after a restart
+    writes a folder of its own)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{FOLDER_PREFIX}step{step:08d}_{stamp}.{int(now % 1 * 1e6):06d}"
 
+
+def write(engine: Any, state: CheckpointState, rank: int, target: storage.Location,
+          gather: Callable[[str], list[str]]) -> list[str]:
+    """Write this rank's part of the checkpoint ``target``, every rank together; returns what went wrong on each
+    rank (``''`` where nothing did). ``gather`` shares a value with every rank (``all_gather_object``).
+
+    Each rank saves its files in a fresh local folder and copies them to ``target``; rank 0's state file goes last,
+    once every rank's files are there, so a folder ``find_checkpoints`` lists is whole. A failed write (storage
+    refusing writes, a full disk) leaves the checkpoints before it as they were.
+    """
     folder = Path(tempfile.mkdtemp(prefix="dlmoe-ckpt-"))
-    engine.save_checkpoint(str(folder), tag=TAG)
-    if rank == 0:
-        (folder / STATE_FILE).write_text(state.to_json())
-    sums = folder_checksums(folder)
-    (folder / f"{CHECKSUM_FILE}.rank{rank}").write_text(json.dumps(sums, indent=1))
-    return Checkpoint.from_directory(str(folder))
+
+    def part() -> None:
+        engine.save_checkpoint(str(folder), tag=TAG)
+        if rank == 0:
+            (folder / STATE_FILE).write_text(state.to_json())
+        sums = folder_checksums(folder)
+        (folder / f"{CHECKSUM_FILE}.rank{rank}").write_text(json.dumps(sums, indent=1))
+        storage.upload(folder, target, skip=(STATE_FILE,))
+
+    def attempt(op: Callable[[], None]) -> str:
+        try:
+            op()
+        except (OSError, RuntimeError, DlmoeError) as exc:  # torch.save reports a failed write as RuntimeError
+            return f"rank {rank}: {exc}"
+        return ""
+
+    try:
+        errors = gather(attempt(part))
+        if any(errors):
+            return errors
+        published = attempt(lambda: storage.upload(folder / STATE_FILE, target.child(STATE_FILE))) if rank == 0 else ""
+        return [gather(published)[0], *errors[1:]]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # a local scratch folder: what is left of it is of no use
 
 
 def load(engine: Any, found: FoundCheckpoint) -> CheckpointState:
@@ -231,8 +267,8 @@ def load(engine: Any, found: FoundCheckpoint) -> CheckpointState:
         folder = Path(directory)
         if not (folder / STATE_FILE).is_file():
             raise CheckpointError(f"checkpoint {found.location.uri} has no {STATE_FILE}")
-        verify_folder(folder, found.location.uri)
         state = CheckpointState.from_json((folder / STATE_FILE).read_text(), found.location.child(STATE_FILE).uri)
+        verify_folder(folder, found.location.uri, int(state.shape.get("parallel.num_workers", 1)))
         load_path, _ = engine.load_checkpoint(str(folder), tag=TAG)
         if load_path is None:
             raise CheckpointError(f"checkpoint {found.location.uri} holds no DeepSpeed state under tag '{TAG}'")

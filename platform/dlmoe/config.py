@@ -250,6 +250,9 @@ class CheckpointConfig:
     score_order: str = "min"
     sigterm_grace_s: float = 25.0  # how long a worker given SIGTERM may take to reach a checkpoint
     lock_timeout_s: float = 60.0  # a run lock not renewed for this long belongs to a driver that is gone
+    # A checkpoint that cannot be written (storage refusing writes, a full disk): ``fail`` ends the run naming the
+    # folder, ``continue`` warns and trains on, trying again at the next checkpoint. Earlier checkpoints stay valid.
+    on_write_error: str = "fail"
 
     def validate(self, rules: Rules) -> None:
         rules.positive("checkpoint.every_steps", self.every_steps)
@@ -258,6 +261,7 @@ class CheckpointConfig:
         rules.positive("checkpoint.lock_timeout_s", self.lock_timeout_s)
         rules.choice("checkpoint.score_attribute", self.score_attribute, ("", "val_loss", "loss"))
         rules.choice("checkpoint.score_order", self.score_order, ("min", "max"))
+        rules.choice("checkpoint.on_write_error", self.on_write_error, ("fail", "continue"))
 
 
 @dataclass

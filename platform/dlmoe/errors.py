@@ -50,3 +50,8 @@ class GenerationError(DlmoeError, ValueError):
 
 class WorkerPreempted(DlmoeError):
     """A worker got SIGTERM; its checkpoint is saved and the worker group stops, for Ray Train to restart."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (storage refusing writes, a full disk) under
+    ``checkpoint.on_write_error=fail``; not retried, since a restarted worker group would meet it again."""

@@ -4,6 +4,7 @@ and resuming a run by its name."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from data_pipeline.tokenizers import byte_tokenizer, load_tokenizer
 from dlmoe.checkpointing import LOCK_FILE, find_checkpoints
 from dlmoe.cli import main
 from dlmoe.config import load_job_config
-from dlmoe.errors import ConfigError, DataError
+from dlmoe.errors import ConfigError, DataError, DlmoeError
 from dlmoe.export import load_pretrained
 from dlmoe.train.driver import TrainingResult, run_training
 from dlmoe.train.validation import Validation
@@ -173,6 +175,54 @@ def test_checkpoints_in_s3_survive_a_crash_and_a_corrupt_one_is_passed_over(
     longer = run_training(load_job_config(None, [*SHORT, f"checkpoint.storage={runs}", *two, "train.steps=8"]),
                           progress=False)
     assert longer.final_step == 8 and longer.losses[:6] == clean.losses
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int) -> Iterator[None]:
+    """A tmpfs of ``size`` bytes mounted at ``folder`` (a disk that fills up); skips where mounting is not allowed."""
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small disk needs mount (root with CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("policy", ["fail", "continue"])
+def test_a_disk_that_fills_up_leaves_the_checkpoint_before_it_resumable(
+        policy: str, ep2_run: tuple[Path, TrainingResult]) -> None:
+    runs, clean = ep2_run
+    # Room for the checkpoint of step 2 and half of the next: each later write runs out of space.
+    size = checkpoint_bytes(next((runs / "ep2").glob("checkpoint_step*"))) * 3 // 2
+    name = f"diskfull-{policy}"
+    job = [f"run_name={name}", "parallel.num_workers=2", "parallel.ep_size=2",
+           f"checkpoint.on_write_error={policy}"]
+    with small_disk(runs / name, size):
+        if policy == "fail":
+            with pytest.raises(DlmoeError) as failed:
+                train(runs, *job)
+            message = str(failed.value)
+            assert f"the checkpoint of step 4 could not be written to {runs / name}/checkpoint_step00000004_" in message
+            assert "No space left on device" in message and "the checkpoint of step 2 is intact" in message
+        else:  # training goes on past the checkpoint of step 4 (a warning); the run cannot end without the last one
+            with pytest.raises(DlmoeError, match=r"checkpoint of step 6 could not be written .* the last checkpoint"):
+                train(runs, *job)
+        assert [found.step for found in find_checkpoints(storage.resolve(str(runs / name)))] == [2]
+        assert [p.name[:len("checkpoint_step00000002")] for p in (runs / name).glob("checkpoint_step*")] == \
+            ["checkpoint_step00000002"]  # what was written of a failed checkpoint is removed
+        if policy == "continue":
+            return
+        subprocess.run(["mount", "-o", f"remount,size={size * 8}", str(runs / name)], check=True)
+        resumed = train(runs, *job)  # room again: the run resumes from step 2 and ends as the clean one
+    assert resumed.final_step == 6 and resumed.restarts == 1
+    assert resumed.params_sha256 == clean.params_sha256 and resumed.losses == clean.losses
 
 
 def test_validation_uses_fixed_noise_and_is_the_same_on_one_worker_and_two(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Reading and checking checkpoint files: the restricted reader of DeepSpeed's per-expert files against
-``torch.load``, and the checksum lists (xxHash3, and the bare sha256 of older lists)."""
+"""Reading, writing and checking checkpoint files: the restricted reader of DeepSpeed's per-expert files against
+``torch.load``, the checksum lists (xxHash3, and the bare sha256 of older lists), and a checkpoint's write, whose
+state file is published last and only when every rank's files are in storage."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlmoe.checkpointing import checksum_matches, file_checksum, folder_checksums
+from data_pipeline import storage
+from dlmoe.checkpointing import (
+    STATE_FILE,
+    CheckpointState,
+    checksum_matches,
+    file_checksum,
+    folder_checksums,
+    folder_name,
+    verify_folder,
+    write,
+)
 from dlmoe.errors import CheckpointError
 from dlmoe.export.checkpoint import read_tensor_dict
 
@@ -60,3 +71,39 @@ def test_an_unknown_checksum_algorithm_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     with pytest.raises(CheckpointError, match=r"x\.pt is recorded as md5, which this dlmoe does not know"):
         checksum_matches(path, "md5:" + "0" * 32)
+
+
+class Engine:
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        (Path(folder) / tag).mkdir()
+        (Path(folder) / tag / "weights.pt").write_bytes(b"weights")
+
+
+def test_a_checkpoint_is_written_whole_with_its_state_file(tmp_path: Path) -> None:
+    target = storage.resolve(str(tmp_path / "run")).child(folder_name(7))
+    assert target.path.endswith(target.uri.rsplit("/", 1)[1]) and "checkpoint_step00000007_" in target.uri
+    errors = write(Engine(), CheckpointState(step=7, shape={"parallel.num_workers": 1}), 0, target, lambda v: [v])
+    folder = Path(target.path)
+    assert errors == [""] and CheckpointState.from_json((folder / STATE_FILE).read_text(), "state").step == 7
+    assert (folder / "dlmoe" / "weights.pt").read_bytes() == b"weights"
+    verify_folder(folder, target.uri)
+
+
+def test_no_state_file_is_published_when_a_rank_could_not_write(tmp_path: Path) -> None:
+    target = storage.resolve(str(tmp_path / "run")).child(folder_name(7))
+    errors = write(Engine(), CheckpointState(step=7), 0, target, lambda v: [v, "rank 1: disk full"])
+    assert errors == ["", "rank 1: disk full"] and not (Path(target.path) / STATE_FILE).exists()
+
+
+def test_storage_that_refuses_the_write_is_named(tmp_path: Path) -> None:
+    (tmp_path / "run").write_text("a file where the run folder should be")
+    target = storage.resolve(str(tmp_path / "run")).child(folder_name(3))
+    (error,) = write(Engine(), CheckpointState(step=3), 0, target, lambda v: [v])
+    assert error.startswith(f"rank 0: cannot write {target.uri}: ")
+
+
+def test_a_checkpoint_missing_a_ranks_checksum_list_does_not_verify(tmp_path: Path) -> None:
+    target = storage.resolve(str(tmp_path / "run")).child(folder_name(2))
+    assert write(Engine(), CheckpointState(step=2), 0, target, lambda v: [v]) == [""]
+    with pytest.raises(CheckpointError, match=r"checksums.json.rank1 is missing \(rank 1 of 2 did not finish"):
+        verify_folder(Path(target.path), target.uri, ranks=2)

@@ -36,4 +36,4 @@ def test_every_bad_input_case_is_in_a_row_once() -> None:
 def test_the_readme_section_is_the_rendered_table() -> None:
     text = table.README.read_text()
     assert table.readme_section(text) == table.render(), "README is stale: run make readme-table"
-    assert "not yet tested" in table.render().lower()
+    assert "a checkpoint cannot be written" in table.render()  # issue 20's last fault row, once untested

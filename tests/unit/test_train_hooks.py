@@ -13,7 +13,7 @@ import torch
 from data_pipeline import storage
 from dlmoe.checkpointing import CheckpointState, check_resumable, checkpoint_shape, run_folder
 from dlmoe.config import JobConfig, load_job_config
-from dlmoe.errors import CheckpointError, ConfigError, WorkerPreempted
+from dlmoe.errors import CheckpointError, CheckpointWriteError, ConfigError, WorkerPreempted
 from dlmoe.tracking import Tracker
 from dlmoe.train.hooks import (
     FAULT_MARK,
@@ -197,22 +197,34 @@ def test_the_final_export_waits_for_the_tasks_and_never_fails_training(tmp_path:
 
 
 class Reports:
-    def __init__(self) -> None:
+    """Ray's report and the checkpoint writer, recorded; ``refuse`` holds the steps whose writes fail."""
+
+    def __init__(self, refuse: tuple[int, ...] = ()) -> None:
         self.reports: list[dict[str, Any]] = []
         self.saved: list[int] = []
+        self.refuse = refuse
 
-    def report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
-        self.reports.append(dict(metrics, checkpoint=checkpoint))
+    def report(self, metrics: dict[str, Any], checkpoint: storage.Location | None = None) -> None:
+        self.reports.append(dict(metrics, checkpoint=checkpoint and checkpoint.uri.rsplit("/", 1)[1]))
 
-    def save(self, engine: Any, state: CheckpointState, rank: int) -> str:
+    def write(self, engine: Any, state: CheckpointState, rank: int, target: storage.Location,
+              gather: Any) -> list[str]:
+        storage.write_bytes(target.child("part"), b"written")
+        if state.step in self.refuse:
+            return ["", "rank 1: cannot write it: [Errno 28] No space left on device"]
         self.saved.append(state.step)
-        return f"ckpt-{state.step}"
+        return ["", ""]
 
 
 def checkpointer(config: JobConfig, ray: Reports, exports: Exports | None = None,
                  tracker: Tracker | None = None) -> Checkpointer:
     return Checkpointer(config, Engine(), 0, 1, tracker or Recorder(), exports, False,  # type: ignore[arg-type]
-                        report=ray.report, save=ray.save)
+                        report=ray.report, write=ray.write)
+
+
+def step_of(folder: str | None) -> int:
+    assert folder is not None and folder.startswith("checkpoint_step")
+    return int(folder[len("checkpoint_step"):].split("_")[0])
 
 
 def test_checkpoints_every_every_steps_and_on_preemption_never_twice_at_the_end(tmp_path: Path) -> None:
@@ -221,11 +233,15 @@ def test_checkpoints_every_every_steps_and_on_preemption_never_twice_at_the_end(
     hook = checkpointer(config, ray, exports, tracker)
     state = run_steps(hook, config, events={4: "preemption"})
     assert ray.saved == [3, 4, 6] and state.checkpoints == [3, 4, 6] and exports.checkpoints == [3, 4, 6]
-    assert ray.reports[0] == {"step": 3, "loss": pytest.approx(1 / 3), "lr": 0.5, "checkpoint": "ckpt-3"}
+    first = dict(ray.reports[0])
+    assert step_of(first.pop("checkpoint")) == 3 and first == {"step": 3, "loss": pytest.approx(1 / 3), "lr": 0.5}
     assert tracker.steps_with("checkpoint_step") == [3, 4, 6]
     end = RunEnd(state, {}, {"step": 7})
     hook.at_end(end)
-    assert ray.saved[-1] == 7 and ray.reports[-1] == {"step": 7, "checkpoints": [3, 4, 6, 7], "checkpoint": "ckpt-7"}
+    last = dict(ray.reports[-1])
+    assert ray.saved[-1] == 7 and step_of(last.pop("checkpoint")) == 7
+    assert last == {"step": 7, "checkpoints": [3, 4, 6, 7]}
+    assert len({r["checkpoint"] for r in ray.reports}) == 4  # a folder of its own each
 
 
 def test_a_relaunch_of_a_finished_run_reports_without_a_new_checkpoint_step(tmp_path: Path) -> None:
@@ -241,6 +257,37 @@ def test_sigterm_saves_then_stops_the_worker(tmp_path: Path) -> None:
     with pytest.raises(WorkerPreempted, match="stopped after saving the checkpoint of step 2"):
         run_steps(checkpointer(config, ray), config, events={2: "sigterm"})
     assert ray.saved == [2]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_naming_its_folder(tmp_path: Path) -> None:
+    ray, exports = Reports(refuse=(4,)), Exports()
+    config = job(tmp_path, "checkpoint.every_steps=2")
+    with pytest.raises(CheckpointWriteError) as stopped:
+        run_steps(checkpointer(config, ray, exports), config)
+    error = stopped.value
+    assert f"the checkpoint of step 4 could not be written to {tmp_path}/debug/checkpoint_step00000004_" in str(error)
+    assert "rank 1: cannot write it: [Errno 28] No space left on device" in str(error)
+    assert "the checkpoint of step 2 is intact" in str(error) and "on_write_error=continue" in str(error)
+    assert ray.saved == [2] and exports.checkpoints == [2] and len(ray.reports) == 1
+    # What was written of the failed checkpoint is gone; the one before stays.
+    assert [p.name.split("_")[1] for p in (tmp_path / "debug").glob("checkpoint_*")] == ["step00000002"]
+
+
+def test_with_on_write_error_continue_training_goes_on_and_the_next_checkpoint_tries_again(tmp_path: Path) -> None:
+    ray, exports, tracker = Reports(refuse=(2, 6)), Exports(), Recorder()
+    config = job(tmp_path, "checkpoint.every_steps=2", "checkpoint.on_write_error=continue")
+    hook = checkpointer(config, ray, exports, tracker)
+    with pytest.warns(UserWarning, match=r"checkpoint of step 2 could not be written .* there is no earlier "
+                                         r"checkpoint; training goes on"):
+        state = run_steps(hook, config)
+    assert state.checkpoints == [4] and exports.checkpoints == [4]
+    assert tracker.steps_with("checkpoint_failed_step") == [2]
+    # The last checkpoint is not done without, whatever the setting.
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint of step 6 could not be written .* the last "
+                                                   "checkpoint, which the run cannot end without; the checkpoint of "
+                                                   "step 4 is intact"):
+        hook.at_end(RunEnd(state, {}, {"step": 6}))
+    assert state.checkpoints == [4] and [r["step"] for r in ray.reports] == [4]
 
 
 def test_the_progress_line_shows_step_loss_validation_and_rate(tmp_path: Path) -> None:

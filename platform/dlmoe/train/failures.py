@@ -1,7 +1,8 @@
 """Which worker failures Ray Train retries, and what the driver says of a run that failed.
 
 A mistake of the user's that a worker meets (a corrupt shard, a setting the data refuses: ``DataError``,
-``ConfigError``) recurs in every restarted worker group, each attempt costing a worker group start: such a failure
+``ConfigError``), or a checkpoint its storage will not take (``CheckpointWriteError``), recurs in every restarted
+worker group, each attempt costing a worker group start: such a failure
 ends the run at once. Everything else (a crashed worker, a preemption, a lost node) is Ray Train's default policy,
 retried up to ``train.max_failures`` times. Ray Train takes no failure policy through its public settings, so
 ``DlmoeTrainer`` hands its own to the controller (as ``preemption.TorchWithSigterm`` extends its torch backend).
@@ -15,9 +16,9 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
-from dlmoe.errors import ConfigError, DataError
+from dlmoe.errors import CheckpointWriteError, ConfigError, DataError
 
-NOT_RETRIED = (DataError, ConfigError)
+NOT_RETRIED = (DataError, ConfigError, CheckpointWriteError)
 
 
 def user_error(error: TrainingFailedError) -> tuple[int, Exception] | None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+import posixpath
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +32,7 @@ from data_pipeline import storage
 from dlmoe import checkpointing
 from dlmoe.checkpointing import CheckpointState
 from dlmoe.config import JobConfig
-from dlmoe.errors import DlmoeError, WorkerPreempted
+from dlmoe.errors import CheckpointWriteError, DlmoeError, WorkerPreempted
 from dlmoe.monitor.metrics import ExpertLoadMonitor
 from dlmoe.tracking import Tracker
 from dlmoe.train.console import WorkerConsole
@@ -193,46 +195,107 @@ class ProgressBar(Hook):
         return f"train {self.run_name} step {done.step} loss {done.loss:.3f}{val} {done.tokens_per_s:.0f} tok/s"
 
 
+def ray_report(metrics: dict[str, Any], checkpoint: storage.Location | None = None) -> None:
+    """Report to Ray Train, with a checkpoint already written into the run folder (``checkpointing.write``)."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    if checkpoint is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(metrics, checkpoint=Checkpoint(path=checkpoint.path, filesystem=checkpoint.fs),
+                     checkpoint_dir_name=posixpath.basename(checkpoint.path),
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def gather_from_ranks(world: int) -> Callable[[str], list[str]]:
+    """Every rank's value of a string, in rank order (one rank: its own)."""
+    def gather(value: str) -> list[str]:
+        if world == 1:
+            return [value]
+        values: list[str] = [""] * world
+        dist.all_gather_object(values, value)
+        return values
+
+    return gather
+
+
 class Checkpointer(Hook):
     """Every rank's part of a checkpoint every ``checkpoint.every_steps`` steps and whenever a preemption notice
     or a SIGTERM arrives (then stopping with ``WorkerPreempted``), reported to Ray Train; the last checkpoint at the
-    end, with the final report. Rank 0's exports of checkpoints start once every rank's files are in storage."""
+    end, with the final report. Rank 0's exports of checkpoints start once every rank's files are in storage.
+
+    A checkpoint that cannot be written is removed again and, by ``checkpoint.on_write_error``, stops the run
+    (``CheckpointWriteError`` on every rank, naming the folder) or is reported (a warning and the metric
+    ``checkpoint_failed_step``) while training goes on; either way the checkpoints before it stay as they were. The
+    last checkpoint cannot be done without: a run ends only once its final weights are saved."""
 
     def __init__(self, job: JobConfig, engine: Any, rank: int, world: int, tracker: Tracker,
                  exports: CheckpointExports | None, validating: bool,
-                 report: Callable[..., None] | None = None,
-                 save: Callable[[Any, CheckpointState, int], Any] = checkpointing.save) -> None:
-        if report is None:
-            import ray.train
-
-            report = ray.train.report
+                 report: Callable[..., None] = ray_report, write: Callable[..., list[str]] = checkpointing.write,
+                 gather: Callable[[str], list[str]] | None = None) -> None:
         self.job, self.engine, self.rank, self.world, self.tracker = job, engine, rank, world, tracker
-        self.exports, self.validating, self.report, self.save = exports, validating, report, save
+        self.exports, self.validating, self.report, self.write = exports, validating, report, write
+        self.gather = gather or gather_from_ranks(world)
+        self.run = checkpointing.run_folder(job)
         self.barrier = job.export.enabled and job.export.every_n_checkpoints > 0 and world > 1
+
+    def _checkpoint(self, state: CheckpointState, metrics: dict[str, Any], final: bool = False) -> bool:
+        """Write the checkpoint of ``state.step`` and report it with ``metrics`` (``final``: the last one, with the
+        list of checkpoints); whether it was written. When it was not, under ``on_write_error=continue`` and not
+        ``final``, nothing is reported."""
+        new = not state.checkpoints or state.checkpoints[-1] != state.step  # not a relaunch of a finished run
+        if new:
+            state.checkpoints.append(state.step)
+        if final:
+            metrics["checkpoints"] = list(state.checkpoints)
+        target = self.run.child(self.gather(checkpointing.folder_name(state.step))[0])  # rank 0's name
+        errors = [e for e in self.write(self.engine, state, self.rank, target, self.gather) if e]
+        if not errors:
+            self.report(metrics, checkpoint=target)
+            self.tracker.log_metrics({"checkpoint_step": state.step}, state.step)  # the operator's latest
+            return True
+        if new:
+            state.checkpoints.pop()
+        message = f"the checkpoint of step {state.step} could not be written to {target.uri}: {'; '.join(errors)}"
+        if self.rank == 0:
+            try:
+                storage.delete_folder(target)
+            except DlmoeError as exc:
+                message += (f" (what was written of it stays, and is never resumed: it has no "
+                            f"{checkpointing.STATE_FILE}; removing it failed: {exc})")
+        before = (f"the checkpoint of step {state.checkpoints[-1]} is intact" if state.checkpoints
+                  else "there is no earlier checkpoint")
+        if final:  # the run's last state: a run whose weights were not saved has not ended
+            raise CheckpointWriteError(f"{message}: the last checkpoint, which the run cannot end without; {before}, "
+                                       f"and launching the run again resumes from it")
+        if self.job.checkpoint.on_write_error == "fail":
+            raise CheckpointWriteError(f"{message}; {before}, and launching the run again resumes from it "
+                                       f"(checkpoint.on_write_error=continue trains on instead)")
+        if self.rank == 0:
+            warnings.warn(f"{message}; {before}; training goes on (checkpoint.on_write_error=continue) and tries "
+                          f"again at the next checkpoint", stacklevel=1)
+            self.tracker.log_metrics({"checkpoint_failed_step": state.step}, state.step)
+        return False
 
     def after_step(self, done: StepOutcome, state: CheckpointState) -> None:
         step = done.step
         if step == self.job.train.steps or (done.event is None and step % self.job.checkpoint.every_steps):
             return
-        state.checkpoints.append(step)
-        self.report({"step": step, "loss": done.loss, "lr": self.engine.get_lr()[0],
-                     **latest_val(state, self.validating)}, checkpoint=self.save(self.engine, state, self.rank))
-        self.tracker.log_metrics({"checkpoint_step": step}, step)  # what the operator shows as the latest
-        if self.barrier:
+        metrics = {"step": step, "loss": done.loss, "lr": self.engine.get_lr()[0], **latest_val(state, self.validating)}
+        written = self._checkpoint(state, metrics)
+        if written and self.barrier:
             dist.barrier()  # every rank's files of the checkpoint are in storage before it is exported
-        if self.exports is not None:
+        if written and self.exports is not None:
             self.exports.after_checkpoint(step)
         if done.event == "sigterm":
+            saved = f"after saving the checkpoint of step {step}" if written else \
+                f"at step {step}, whose checkpoint could not be written"
             raise WorkerPreempted(f"rank {self.rank} of run '{self.job.run_name}': a worker got SIGTERM; stopped "
-                                  f"after saving the checkpoint of step {step}")
+                                  f"{saved}")
 
     def at_end(self, end: RunEnd) -> None:
-        state = end.state
-        if not state.checkpoints or state.checkpoints[-1] != state.step:
-            state.checkpoints.append(state.step)
-        end.metrics["checkpoints"] = list(state.checkpoints)
-        self.report(end.metrics, checkpoint=self.save(self.engine, state, self.rank))
-        self.tracker.log_metrics({"checkpoint_step": state.step}, state.step)
+        self._checkpoint(end.state, end.metrics, final=True)
 
 
 def build_hooks(job: JobConfig, *, rank: int, world: int, engine: Any, tracker: Tracker,
