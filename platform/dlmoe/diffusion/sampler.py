@@ -10,6 +10,10 @@ confidence, the softmax probability of that candidate. Then either
 - **confidence-threshold parallel decoding** (Fast-dLLM): commit every position whose confidence exceeds
   ``threshold``, and at least the most confident one, until the block is complete.
 
+A model trained with block diffusion (LLaDA 2.0; blocks.py) decodes with ``block_causal``: the prompt is block 0
+and answer block k is block k + 1, and a position attends only its own block and those before it — exactly what
+its training showed the noised block (clean prefix blocks and itself), so no still-masked later block is seen.
+
 Prompts of different lengths share a batch left-padded with an attention mask: RoPE attention scores depend on
 relative positions only, so a padded prompt decodes exactly as it would alone. The mask token is never a valid
 answer; EOS can be suppressed, and by default a sample whose answer holds an EOS stops after its block (the rest
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dlmoe.diffusion.blocks import block_causal_pattern
 from dlmoe.errors import GenerationError
 
 
@@ -41,6 +46,7 @@ class GenerationSettings:
     stop_at_eos: bool = True
     suppress_eos: bool = False
     seed: int = 0
+    block_causal: bool = False  # attend only the own block and earlier ones (a block-diffusion model)
 
     @property
     def num_blocks(self) -> int:
@@ -127,6 +133,18 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], settings: Gener
         keep[b, :start] = 0
         x[b, start:width] = torch.tensor(list(prompt), dtype=torch.long, device=device)
     attention_mask = keep if bool((keep == 0).any()) else None
+    pattern = None
+    if settings.block_causal:
+        block_L = torch.zeros(total, dtype=torch.long, device=device)
+        block_L[width:] = 1 + torch.arange(settings.gen_length, device=device) // settings.block_length
+        # Padding folds into the pattern; every position also sees itself, so no row of it is empty.
+        pattern = (block_causal_pattern(block_L) & keep.bool()[:, None, None, :]
+                   | torch.eye(total, dtype=torch.bool, device=device))
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        out = model(ids, attention_mask) if pattern is None else model(ids, attention_pattern=pattern)
+        logits: torch.Tensor = out.logits
+        return logits
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     forward_passes = 0
@@ -141,7 +159,7 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]], settings: Gener
             plan = [_schedule(n, steps) for n in masked_count]
         step = 0
         while bool((x[:, lo:hi] == mask_id).any()):
-            logits = model(x, attention_mask).logits[:, lo:hi].to(torch.float64)
+            logits = forward(x)[:, lo:hi].to(torch.float64)
             forward_passes += 1
             logits[..., mask_id] = -math.inf
             if settings.suppress_eos:
