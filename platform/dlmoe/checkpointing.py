@@ -85,12 +85,13 @@ class CheckpointState:
     config_hash: str = ""
     run_name: str | None = None
     flavor: str | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # ``ObjectiveConfig.recipe``: for the export's dlmoe.json
 
     @classmethod
     def new(cls, job: JobConfig) -> CheckpointState:
         """The state of a run that has not trained yet."""
         return cls(shape=checkpoint_shape(job), config_hash=job.config_hash(), run_name=job.run_name,
-                   flavor=job.model.flavor)
+                   flavor=job.model.flavor, recipe=job.objective.recipe())
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> CheckpointState:

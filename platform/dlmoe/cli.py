@@ -114,6 +114,19 @@ def _sampler_settings(args: argparse.Namespace) -> GenerationSettings:
     return settings
 
 
+def _decode_as_trained(settings: GenerationSettings, facts: dict[str, object]) -> None:
+    """A model trained with block diffusion (its dlmoe.json's ``training.block_size``) decodes block-causally."""
+    import warnings
+
+    training = facts.get("training")
+    block = int(training.get("block_size", 0)) if isinstance(training, dict) else 0
+    if block:
+        settings.block_causal = True
+        if settings.block_length != block:
+            warnings.warn(f"the model was trained with blocks of {block} tokens; decoding with --block-length "
+                          f"{settings.block_length}", stacklevel=2)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -123,11 +136,12 @@ def _generate(args: argparse.Namespace) -> int:
     from data_pipeline.tokenizers import TOKENIZER_FILE, load_tokenizer
     from dlmoe.diffusion import generate
     from dlmoe.errors import DataError
-    from dlmoe.export import load_pretrained
+    from dlmoe.export import load_pretrained, read_dlmoe_facts
 
     settings = _sampler_settings(args)
     folder = Path(args.model_dir)
     model = load_pretrained(folder, device=args.device)
+    _decode_as_trained(settings, read_dlmoe_facts(folder))
     config = model.config
     if not (folder / TOKENIZER_FILE).is_file():
         raise DataError(f"model folder {folder} has no {TOKENIZER_FILE}: text prompts need the tokenizer saved with "

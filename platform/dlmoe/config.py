@@ -141,6 +141,21 @@ class ObjectiveConfig:
         self.block_schedule.validate(rules)
         self.balance.validate(rules)
 
+    def recipe(self) -> dict[str, Any]:
+        """The LLaDA 2.0 settings a model is trained with (empty by default), as the export's dlmoe.json records
+        them; ``block_size`` is that of the last steps, the block length the sampler decodes with (0: none)."""
+        recipe: dict[str, Any] = {}
+        if self.document_attention:
+            recipe["document_attention"] = True
+        if (self.t_min, self.t_max) != (0.0, 1.0):
+            recipe["noise_range"] = [self.t_min, self.t_max]
+        if self.block_schedule.enabled:
+            recipe["block_schedule"] = dataclasses.asdict(self.block_schedule)
+            recipe["block_size"] = self.block_schedule.final_block_size if self.block_schedule.decay_steps else 0
+        elif self.block_size:
+            recipe["block_size"] = self.block_size
+        return recipe
+
 
 @dataclass
 class DataConfig:

@@ -282,7 +282,7 @@ def _write(fetched: _Fetched, target: Any, dtype: str | None) -> torch.dtype:
                       f"files", stacklevel=2)
     weights = DTYPES[dtype] if dtype else tensors.dtype
     facts = {"flavor": state.flavor, "step": state.step, "source_run": state.run_name,
-             "source_checkpoint": fetched.uri}
+             "source_checkpoint": fetched.uri, **({"training": state.recipe} if state.recipe else {})}
     write_to_uri(target, lambda out: write_folder(out, config, tensors, dtype=weights, tokenizer=tokenizer,
                                                   facts=facts))
     return weights
