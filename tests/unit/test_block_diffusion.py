@@ -9,11 +9,13 @@ import re
 import pytest
 import torch
 
-from dlmoe.config import load_job_config
+from dlmoe.cli import _decode_as_trained
+from dlmoe.config import JOBS_DIR, load_job_config
 from dlmoe.diffusion import GenerationSettings, MaskedDiffusionObjective, ObjectiveSettings, draw_noise, generate
 from dlmoe.diffusion.blocks import BlockSchedule, block_causal_pattern, block_diffusion_pattern
 from dlmoe.errors import ConfigError
 from dlmoe.model import ModelOutput, build_model, get_flavor
+from dlmoe.train.step import block_schedule
 
 MASK = 258
 
@@ -150,3 +152,21 @@ def test_config_keys() -> None:
     with pytest.raises(ConfigError, match=re.escape("objective.block_schedule.final_block_size")):
         load_job_config(None, ["objective.block_schedule.enabled=true",
                                "objective.block_schedule.final_block_size=128"])
+
+
+def test_the_job_yaml_schedule_recipe_and_decoding_as_trained() -> None:
+    job = load_job_config(JOBS_DIR / "llada2-block.yaml")
+    schedule = block_schedule(job)
+    assert schedule is not None and schedule.block_size_at(0, job.data.seq_len) == 4
+    assert schedule.block_size_at(job.train.steps - 1, job.data.seq_len) == 32
+    recipe = job.objective.recipe()
+    assert recipe["block_size"] == 32 and recipe["document_attention"] and recipe["noise_range"] == [0.3, 0.8]
+    assert load_job_config().objective.recipe() == {} and block_schedule(load_job_config()) is None
+    settings = GenerationSettings(gen_length=64, block_length=32, steps=64)
+    _decode_as_trained(settings, {"training": recipe})
+    assert settings.block_causal
+    with pytest.warns(UserWarning, match="trained with blocks of 32 tokens; decoding with --block-length 8"):
+        _decode_as_trained(GenerationSettings(gen_length=64, block_length=8, steps=64), {"training": recipe})
+    plain = GenerationSettings()
+    _decode_as_trained(plain, {})
+    assert not plain.block_causal
