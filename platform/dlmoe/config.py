@@ -134,6 +134,9 @@ class ObjectiveConfig:
         rules.within("objective.t_max", self.t_max, 0.0, 1.0)
         if self.t_max <= self.t_min:
             rules.fail("objective.t_max", f"must exceed objective.t_min ({self.t_min}), got {self.t_max}")
+        if self.document_attention and self.kind == "sft":
+            rules.fail("objective.document_attention", "an SFT row holds one example; document-level attention "
+                                                       "is for packed pretraining rows")
         rules.non_negative("objective.block_size", self.block_size, "0: full-sequence diffusion")
         if self.block_schedule.enabled and self.block_size:
             rules.fail("objective.block_size", "the block schedule sets the block size of every step: leave it at 0, "

@@ -149,6 +149,8 @@ def test_config_keys() -> None:
     with pytest.raises(ConfigError, match=re.escape("objective.block_schedule.decay_steps")):
         load_job_config(None, ["train.steps=10", "train.warmup_steps=1", "objective.block_schedule.enabled=true",
                                "objective.block_schedule.warmup_steps=6", "objective.block_schedule.decay_steps=6"])
+    with pytest.raises(ConfigError, match=re.escape("objective.document_attention")):
+        load_job_config(None, ["objective.kind=sft", "objective.document_attention=true"])
     with pytest.raises(ConfigError, match=re.escape("objective.block_schedule.final_block_size")):
         load_job_config(None, ["objective.block_schedule.enabled=true",
                                "objective.block_schedule.final_block_size=128"])
