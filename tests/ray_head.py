@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from ray._common.utils import get_ray_address_file
 
 from data_pipeline.local_s3 import free_port
 
@@ -72,9 +71,6 @@ def ray_head(num_cpus: int = 2, env: Mapping[str, str] | None = None) -> Iterato
         yield RayHead(f"http://127.0.0.1:{dashboard}", head_env, token)
     finally:
         _stop_cluster((str(temp_dir), f":{gcs}"))
+        # With --temp-dir, `ray start` records its address in that folder, not in /tmp/ray/ray_current_cluster
+        # where the next `ray.init()` on this machine would look: removing the folder leaves no record behind.
         shutil.rmtree(temp_dir, ignore_errors=True)
-        # `ray start` records its cluster for the next `ray.init()` on this machine; a record of this one, now
-        # gone, would send later runs after a dead address.
-        record = Path(get_ray_address_file(None))
-        if record.is_file() and record.read_text().strip() == f"127.0.0.1:{gcs}":
-            record.unlink()
