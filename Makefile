@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint unit bench clean helm browser golden readme-table
+.PHONY: train test lint unit bench clean helm browser golden readme-table demo-k8s
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,13 +30,20 @@ golden: $(STAMP)
 readme-table: $(STAMP)
 	$(BIN)/python -m tests.reliability_table
 
-# The chart tests run the real helm: the one on the PATH, else helm v4 fetched into .tools/ (DESIGN.md §5).
+# The chart tests run the real helm, the Kubernetes e2e test the real kubectl: those on the PATH, else both fetched
+# into .tools/ (DESIGN.md §5).
 helm:
-	@command -v helm >/dev/null 2>&1 || test -x .tools/helm || $(PYTHON) .ci/fetch_helm.py .tools
+	@(command -v helm && command -v kubectl) >/dev/null 2>&1 || (test -x .tools/helm && test -x .tools/kubectl) || \
+		$(PYTHON) .ci/fetch_helm.py .tools
 
 # The dashboard's e2e test drives Debian's chromium headless through playwright (DESIGN.md §5).
 browser:
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+# The Kubernetes path on one box (README "Before there is a cluster"): emulated API server, KubeRay test double,
+# a Ray head, MLflow, S3 and the operator; the example applied and followed to its end. DEMO_ARGS: see --help.
+demo-k8s: $(STAMP) helm
+	$(BIN)/python -m tests.e2e.demo_k8s $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
