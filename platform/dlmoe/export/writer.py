@@ -61,18 +61,21 @@ def _check_target(target: Path) -> None:
 
 def save_pretrained(model: DiffusionMoE, out_dir: str | Path, *, tokenizer: Any | None = None,
                     dtype: torch.dtype | None = None, flavor: str | None = None, step: int | None = None,
-                    source_run: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    source_run: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    training: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as a release-format folder (atomically: a crash leaves the previous folder or none).
 
     ``tokenizer`` is anything with ``save(dir)`` (``data_pipeline.tokenizers.Tokenizer``); ``dtype`` casts the
-    weights (default: the model's); ``flavor``, ``step`` and ``source_run`` go to dlmoe.json.
+    weights (default: the model's); ``flavor``, ``step``, ``source_run`` and the ``training`` recipe
+    (``ObjectiveConfig.recipe``, when not empty) go to dlmoe.json.
     """
     config = model.config
     _check_target(Path(out_dir))
     tensors = to_hf(model.state_dict(), config)
     return write_folder(out_dir, config, lambda names: {k: tensors[k] for k in names},
                         dtype=dtype or model.lm_head.weight.dtype, tokenizer=tokenizer,
-                        facts={"flavor": flavor, "step": step, "source_run": source_run},
+                        facts={"flavor": flavor, "step": step, "source_run": source_run,
+                               **({"training": training} if training else {})},
                         max_shard_bytes=max_shard_bytes)
 
 

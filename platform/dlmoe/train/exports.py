@@ -113,6 +113,7 @@ def export_final(job: JobConfig, full: dict[str, torch.Tensor], step: int, run_i
     target = storage.resolve(export_uri(job), endpoint_url=job.endpoint_url)
     tokenizer, dtype = job_tokenizer(job, model_config), DTYPES.get(job.export.dtype)
     write_to_uri(target, lambda out: save_pretrained(model, out, tokenizer=tokenizer, flavor=job.model.flavor,
-                                                     step=step, source_run=job.run_name, dtype=dtype))
+                                                     step=step, source_run=job.run_name, dtype=dtype,
+                                                     training=job.objective.recipe()))
     register(job, target.uri, step, run_id)
     return str(target.uri)
