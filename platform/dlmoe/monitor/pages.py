@@ -140,10 +140,10 @@ def heatmap(share: Sequence[Sequence[float]], *, testid: str, dead_fraction: flo
     Each cell is a ``rect`` carrying ``data-layer``, ``data-expert`` and ``data-share`` (the browser code colours it
     from them) and a ``title`` naming it on hover."""
     layers, experts = len(share), len(share[0]) if share else 0
-    cell_w = max(6, min(32, 720 // max(1, experts)))
+    cell_w = max(6, min(48, 720 // max(1, experts)))
     left, top = 58, 8
     grid_w, grid_h = experts * cell_w, layers * cell_height
-    width = max(left + grid_w + 8, left + 420)
+    width = max(left + grid_w + 8, left + 480)
     every = max(1, -(-experts // 16))  # at most 16 expert labels
     parts = []
     for layer, row in enumerate(share):
@@ -165,12 +165,12 @@ def heatmap(share: Sequence[Sequence[float]], *, testid: str, dead_fraction: flo
     legend_y = axis_y + 30
     parts.append(f'<g class="colour-legend" data-testid="{testid}-legend" transform="translate({left} {legend_y})">'
                  f'<text class="tick" x="0" y="9">token share vs fair 1/E:</text>'
-                 f'<text class="tick" x="150" y="9" text-anchor="end" data-role="legend-low">{1 / span:.2f}×</text>'
-                 f'<rect x="154" y="0" width="160" height="10" fill="url(#scale-gradient)"/>'
-                 f'<text class="tick" x="234" y="22" text-anchor="middle">1×</text>'
-                 f'<text class="tick" x="318" y="9" data-role="legend-high">{span:.2f}×</text>'
-                 f'<rect class="dead-swatch" x="360" y="0" width="10" height="10"/>'
-                 f'<text class="tick" x="374" y="9">dead</text></g>')
+                 f'<text class="tick" x="200" y="9" text-anchor="end" data-role="legend-low">{1 / span:.2f}×</text>'
+                 f'<rect x="204" y="0" width="160" height="10" fill="url(#scale-gradient)"/>'
+                 f'<text class="tick" x="284" y="22" text-anchor="middle">1×</text>'
+                 f'<text class="tick" x="368" y="9" data-role="legend-high">{span:.2f}×</text>'
+                 f'<rect class="dead-swatch" x="414" y="0" width="10" height="10"/>'
+                 f'<text class="tick" x="428" y="9">dead</text></g>')
     height = legend_y + 26
     return (f'<svg class="heatmap" data-testid="{testid}" data-experts="{experts}" data-span="{span:.6g}" {extra} '
             f'viewBox="0 0 {width} {height}" style="max-width: {width}px" role="img" '
