@@ -35,7 +35,7 @@ RAY_GROUPS: dict[str, dict[str, Case]] = {
                                       "checkpoint.storage={ws}/runs --no-progress",
                                       (f"truncated/{shard_name(1)} has 100 bytes, the manifest says", "data verify")),
         # met by the worker reading it (same size, other bytes): not retried, and the MLflow run ends FAILED
-        "train-corrupt-shard": Case("train data.uri={ws}/garbled data.validation='' train.steps=2 "
+        "train-corrupt-shard": Case("train data.uri={ws}/garbled data.validation='' train.eval_every=0 train.steps=2 "
                                     "train.max_failures=2 data.global_batch_size=4 data.micro_batch_size=4 "
                                     "parallel.num_workers=1 parallel.ep_size=1 export.enabled=false "
                                     "run_name=garbled tracking.uri=sqlite:///{ws}/mlflow.db "
