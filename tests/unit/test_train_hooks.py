@@ -79,7 +79,7 @@ def test_the_state_file_round_trips_and_names_a_file_that_is_not_one(tmp_path: P
     assert again.ep_size == 2 and again.tokenizer == "byte" and again.model_config("x").num_experts == 8
     assert list(json.loads(state.to_json())) == ["step", "epoch", "sample_in_epoch", "losses", "restarts",
                                                  "checkpoints", "interruptions", "val_losses", "shape",
-                                                 "config_hash", "run_name", "flavor"]
+                                                 "config_hash", "run_name", "flavor", "recipe"]
     with pytest.raises(CheckpointError, match=r"s3://b/run/checkpoint_1/dlmoe_state.json is not a dlmoe"):
         CheckpointState.from_json(b"[1, 2]", "s3://b/run/checkpoint_1/dlmoe_state.json")
     with pytest.raises(CheckpointError, match="does not describe the checkpoint's model"):
