@@ -185,8 +185,12 @@ def write_bytes(loc: Location, data: bytes) -> None:
 
 
 def delete(loc: Location) -> None:
+    """Remove a file, or a folder and everything under it (nothing when neither exists)."""
     def remove() -> None:
-        if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
+        kind = loc.fs.get_file_info(loc.path).type
+        if kind == pafs.FileType.Directory:
+            loc.fs.delete_dir(loc.path)
+        elif kind != pafs.FileType.NotFound:
             loc.fs.delete_file(loc.path)
 
     retrying(remove, uri=loc.uri, what="delete")
@@ -209,15 +213,6 @@ def upload(local: Path, loc: Location, skip: tuple[str, ...] = ()) -> None:
                                 destination_filesystem=loc.fs)
 
     retrying(copy, uri=loc.uri, what="write")
-
-
-def delete_folder(loc: Location) -> None:
-    """Remove a folder and everything under it (nothing when it does not exist)."""
-    def remove() -> None:
-        if loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound:
-            loc.fs.delete_dir(loc.path)
-
-    retrying(remove, uri=loc.uri, what="delete")
 
 
 def list_files(loc: Location, suffixes: tuple[str, ...] = ()) -> list[tuple[Location, int]]:

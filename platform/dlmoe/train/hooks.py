@@ -260,7 +260,7 @@ class Checkpointer(Hook):
         message = f"the checkpoint of step {state.step} could not be written to {target.uri}: {'; '.join(errors)}"
         if self.rank == 0:
             try:
-                storage.delete_folder(target)
+                storage.delete(target)
             except DlmoeError as exc:
                 message += (f" (what was written of it stays, and is never resumed: it has no "
                             f"{checkpointing.STATE_FILE}; removing it failed: {exc})")
