@@ -105,10 +105,12 @@ def _write_tasks(folder: Path, seed: int) -> None:
     docs = []
     for prompt, word in _examples(6, seed):
         # The copy language's whole answer span: the word, then EOS to the end of the training row (a sequence of
-        # the length the model was trained on; greedy decoding of a shorter one is off its training distribution).
+        # the length the model was trained on; greedy decoding of a shorter one is off its training distribution,
+        # and so is the ELBO of a bare word: the choices carry the padding too).
         padding = "<|eos|>" * (TASK.seq_len - len(prompt) - len(word))
         docs.append({"prompt": prompt, "word": word, "span": word + padding, "miss": _near_miss(word, 5) + padding,
-                     "choices": [_near_miss(word, 2), word, _near_miss(word, 7), word[::-1]], "label": 1})
+                     "choices": [choice + padding for choice in (_near_miss(word, 2), word, _near_miss(word, 7),
+                                                                  word[::-1])], "label": 1})
     data = folder / "copy.json"
     data.write_text("\n".join(json.dumps(doc) for doc in docs) + "\n")
     common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
