@@ -204,8 +204,8 @@ class Reports:
         self.saved: list[int] = []
         self.refuse = refuse
 
-    def report(self, metrics: dict[str, Any], checkpoint: storage.Location | None = None) -> None:
-        self.reports.append(dict(metrics, checkpoint=checkpoint and checkpoint.uri.rsplit("/", 1)[1]))
+    def report(self, metrics: dict[str, Any], checkpoint: storage.Location) -> None:
+        self.reports.append(dict(metrics, checkpoint=checkpoint.uri.rsplit("/", 1)[1]))
 
     def write(self, engine: Any, state: CheckpointState, rank: int, target: storage.Location,
               gather: Any) -> list[str]:

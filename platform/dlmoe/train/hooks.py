@@ -195,14 +195,11 @@ class ProgressBar(Hook):
         return f"train {self.run_name} step {done.step} loss {done.loss:.3f}{val} {done.tokens_per_s:.0f} tok/s"
 
 
-def ray_report(metrics: dict[str, Any], checkpoint: storage.Location | None = None) -> None:
+def ray_report(metrics: dict[str, Any], checkpoint: storage.Location) -> None:
     """Report to Ray Train, with a checkpoint already written into the run folder (``checkpointing.write``)."""
     import ray.train
     from ray.train import Checkpoint, CheckpointUploadMode
 
-    if checkpoint is None:
-        ray.train.report(metrics)
-        return
     ray.train.report(metrics, checkpoint=Checkpoint(path=checkpoint.path, filesystem=checkpoint.fs),
                      checkpoint_dir_name=posixpath.basename(checkpoint.path),
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
@@ -234,11 +231,10 @@ class Checkpointer(Hook):
                  exports: CheckpointExports | None, validating: bool,
                  report: Callable[..., None] = ray_report, write: Callable[..., list[str]] = checkpointing.write,
                  gather: Callable[[str], list[str]] | None = None) -> None:
-        self.job, self.engine, self.rank, self.world, self.tracker = job, engine, rank, world, tracker
+        self.job, self.engine, self.rank, self.tracker = job, engine, rank, tracker
         self.exports, self.validating, self.report, self.write = exports, validating, report, write
         self.gather = gather or gather_from_ranks(world)
         self.run = checkpointing.run_folder(job)
-        self.barrier = job.export.enabled and job.export.every_n_checkpoints > 0 and world > 1
 
     def _checkpoint(self, state: CheckpointState, metrics: dict[str, Any], final: bool = False) -> bool:
         """Write the checkpoint of ``state.step`` and report it with ``metrics`` (``final``: the last one, with the
@@ -284,9 +280,7 @@ class Checkpointer(Hook):
             return
         metrics = {"step": step, "loss": done.loss, "lr": self.engine.get_lr()[0], **latest_val(state, self.validating)}
         written = self._checkpoint(state, metrics)
-        if written and self.barrier:
-            dist.barrier()  # every rank's files of the checkpoint are in storage before it is exported
-        if written and self.exports is not None:
+        if written and self.exports is not None:  # every rank's files are in storage once ``write`` returns
             self.exports.after_checkpoint(step)
         if done.event == "sigterm":
             saved = f"after saving the checkpoint of step {step}" if written else \
